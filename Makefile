@@ -1,0 +1,31 @@
+# Two entry points: `make demo` (the main job on the embedded demo data) and `make test`.
+# Both create or update .venv first; nothing else needs to be installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+DEMO   := runs/demo
+
+.PHONY: demo test install demo-data lint clean
+
+install: $(STAMP)
+
+# torch and torchvision come first, pinned, so pip takes the wheels on this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo-data: $(STAMP)
+	$(BIN)/python -m pipeline.data.demo
+
+demo: demo-data
+	$(BIN)/mmclip train configs/demo.yaml --set output_dir=$(DEMO)
+
+test: $(STAMP)
+	bash tests/install_system_deps.sh
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs data/shards

@@ -1,0 +1,66 @@
+"""Save and reload a MultiModalCLIP as plain files: `model.safetensors` + `model_config.yaml`.
+
+This is the one weights format the rest of the project reads (eval, export, `pretrained`).
+Training checkpoints (DeepSpeed) carry a consolidated copy in this format too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+from pipeline.models.clip import MultiModalCLIP, build_model
+
+WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model_config.yaml"
+
+
+def save_model(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | Path) -> Path:
+    """Write weights + the model section of the config; temp files then rename, so a crash leaves no half file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "mmclip"})
+    tmp.replace(out / WEIGHTS)
+    tmp_cfg = out / (MODEL_CONFIG + ".tmp")
+    tmp_cfg.write_text(yaml.safe_dump(model_cfg.model_dump(mode="json"), sort_keys=False))
+    tmp_cfg.replace(out / MODEL_CONFIG)
+    return out
+
+
+def resolve_weights_dir(path: str | Path) -> Path:
+    """A run directory, a checkpoint directory or an export directory -> the folder holding the weights."""
+    p = Path(path)
+    if (p / WEIGHTS).is_file() and (p / MODEL_CONFIG).is_file():
+        return p
+    latest = p / "checkpoints" / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        candidate = p / "checkpoints" / tag
+        if (candidate / WEIGHTS).is_file():
+            return candidate
+    if not p.exists():
+        raise UserError(f"{p}: no such run directory, checkpoint or export")
+    raise UserError(f"{p}: found no {WEIGHTS} + {MODEL_CONFIG} (nor checkpoints/latest pointing to them); "
+                    f"pass a run directory, a checkpoint directory or an `mmclip export --format safetensors` folder")
+
+
+def load_model(path: str | Path) -> tuple[MultiModalCLIP, ModelConfig]:
+    """Rebuild the model from its saved config and load the weights strictly (safetensors: no pickle)."""
+    folder = resolve_weights_dir(path)
+    try:
+        model_cfg = ModelConfig.model_validate(yaml.safe_load((folder / MODEL_CONFIG).read_text()))
+    except Exception as exc:
+        raise UserError(f"{folder / MODEL_CONFIG}: not a valid model config ({exc})") from None
+    model = build_model(model_cfg)
+    state = load_file(str(folder / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{folder / WEIGHTS}: weights do not match {MODEL_CONFIG}: missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}")
+    return model.eval(), model_cfg

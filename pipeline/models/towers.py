@@ -1,0 +1,213 @@
+"""Tower registry: a config names a tower kind, the registry builds it.
+
+Image and open_clip text towers are built with open_clip's own builders so that exporting to
+open_clip is a key rename, not a re-implementation. Every tower maps its input to
+`[B, embed_dim]` (un-normalised) and records how its input must be preprocessed.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from pipeline.config import TowerConfig
+from pipeline.errors import UserError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+@dataclass
+class ImagePreprocess:
+    image_size: int
+    mean: tuple = OPENAI_MEAN
+    std: tuple = OPENAI_STD
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+
+@dataclass
+class TextPreprocess:
+    context_length: int
+    hf_tokenizer: Optional[str] = None  # local path of a transformers tokenizer; None = open_clip BPE
+
+
+@dataclass
+class AudioPreprocess:
+    sample_rate: int
+    extra: dict = field(default_factory=dict)
+
+
+class Tower(nn.Module):
+    """An encoder plus the description of the input it expects (read by data and export)."""
+
+    def __init__(self, kind: str, encoder: nn.Module, preprocess, export_cfg: dict | None = None):
+        super().__init__()
+        self.kind = kind
+        self.encoder = encoder
+        self.preprocess = preprocess
+        self.export_cfg = export_cfg  # open_clip vision_cfg / text_cfg, None if open_clip cannot express it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+def _split_preprocess(options: dict) -> tuple[dict, dict]:
+    model_opts = {k: v for k, v in options.items() if k not in PREPROCESS_KEYS}
+    return model_opts, {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in PREPROCESS_KEYS}
+
+
+def _open_clip_vision(cfg: TowerConfig, embed_dim: int) -> Tower:
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    opts, pre = _split_preprocess(cfg.options)
+    if cfg.kind == "timm":
+        if not cfg.name:
+            raise UserError("model.towers.image.name: a timm tower needs a timm model name, e.g. vit_tiny_patch16_224")
+        opts = {"timm_model_name": cfg.name, **opts}
+    vision_cfg = _dataclass_from(CLIPVisionCfg, opts, f"model.towers.image.options ({cfg.kind})")
+    encoder = _build_vision_tower(embed_dim, vision_cfg)
+    size = vision_cfg.image_size if isinstance(vision_cfg.image_size, int) else vision_cfg.image_size[0]
+    return Tower(cfg.kind, encoder, ImagePreprocess(image_size=size, **pre), asdict(vision_cfg))
+
+
+def _open_clip_text(cfg: TowerConfig, embed_dim: int) -> Tower:
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    opts = dict(cfg.options)
+    if cfg.kind == "hf_text":
+        if not cfg.name:
+            raise UserError("model.towers.text.name: an hf_text tower needs a local transformers model path")
+        opts = {"hf_model_name": cfg.name, "hf_tokenizer_name": cfg.name, "hf_model_pretrained": False, **opts}
+    text_cfg = _dataclass_from(CLIPTextCfg, opts, f"model.towers.text.options ({cfg.kind})")
+    encoder = _build_text_tower(embed_dim, text_cfg)
+    export_cfg = asdict(text_cfg) if cfg.kind == "open_clip_text" else None
+    return Tower(cfg.kind, encoder, TextPreprocess(text_cfg.context_length, text_cfg.hf_tokenizer_name), export_cfg)
+
+
+class MelEncoder(nn.Module):
+    """Waveform -> log-mel -> backbone -> projection; the front end lives in the model so it runs on the GPU."""
+
+    def __init__(self, frontend: nn.Module, backbone: nn.Module, width: int, embed_dim: int, layout: str):
+        super().__init__()
+        self.frontend = frontend
+        self.backbone = backbone
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        self.layout = layout  # "image": [B,1,mels,frames] for CNN/ViT; "frames": [B,frames,mels]; "mels": [B,mels,frames]
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        mel = self.frontend(waveform)  # [B, mels, frames]
+        if self.layout == "image":
+            pooled = self.backbone(mel.unsqueeze(1))
+        else:
+            x = mel.transpose(1, 2) if self.layout == "frames" else mel
+            out = self.backbone(x)
+            pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state.mean(1)
+        return self.proj(pooled)
+
+
+def _frontend(opts: dict) -> tuple[nn.Module, int]:
+    from pipeline.data.audio_features import LogMel
+
+    sample_rate = int(opts.pop("sample_rate", 16000))
+    mel_keys = ("n_fft", "hop_length", "n_mels", "f_min", "f_max")
+    return LogMel(sample_rate=sample_rate, **{k: opts.pop(k) for k in mel_keys if k in opts}), sample_rate
+
+
+def _timm_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
+    import timm
+
+    opts = dict(cfg.options)
+    frontend, sample_rate = _frontend(opts)
+    if not cfg.name:
+        raise UserError("model.towers.audio.name: a timm_audio tower needs a timm model name, e.g. resnet18")
+    try:
+        backbone = timm.create_model(cfg.name, pretrained=False, in_chans=1, num_classes=0, **opts)
+    except (RuntimeError, TypeError) as exc:
+        raise UserError(f"model.towers.audio: timm cannot build {cfg.name!r} with {opts}: {exc}") from None
+    encoder = MelEncoder(frontend, backbone, backbone.num_features, embed_dim, layout="image")
+    return Tower(cfg.kind, encoder, AudioPreprocess(sample_rate))
+
+
+def _hf_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
+    """AST or a Whisper encoder built from a transformers config (random init), fed by our log-mel."""
+    from transformers import AutoConfig, AutoModel
+
+    opts = dict(cfg.options)
+    frontend, sample_rate = _frontend(opts)
+    model_type = opts.pop("model_type", cfg.name)
+    try:
+        hf_cfg = AutoConfig.for_model(model_type, **opts)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"model.towers.audio: transformers has no audio config {model_type!r} ({exc})") from None
+    if hf_cfg.model_type == "whisper":
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        backbone, layout = WhisperEncoder(hf_cfg), "mels"
+        hf_cfg.num_mel_bins = frontend.n_mels
+    else:
+        backbone, layout = AutoModel.from_config(hf_cfg), "frames"
+    encoder = MelEncoder(frontend, backbone, hf_cfg.hidden_size if hasattr(hf_cfg, "hidden_size") else hf_cfg.d_model,
+                         embed_dim, layout)
+    return Tower(cfg.kind, encoder, AudioPreprocess(sample_rate, {"frames": _expected_frames(hf_cfg)}))
+
+
+def _expected_frames(hf_cfg) -> Optional[int]:
+    if hf_cfg.model_type == "whisper":
+        return 2 * hf_cfg.max_source_positions
+    return getattr(hf_cfg, "max_length", None)
+
+
+def _dataclass_from(cls, opts: dict, where: str):
+    allowed = set(cls.__dataclass_fields__)
+    unknown = sorted(set(opts) - allowed)
+    if unknown:
+        raise UserError(f"{where}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls(**opts)
+
+
+TOWER_BUILDERS: dict[str, Callable[[TowerConfig, int], Tower]] = {
+    "timm": _open_clip_vision,
+    "open_clip_vision": _open_clip_vision,
+    "open_clip_text": _open_clip_text,
+    "hf_text": _open_clip_text,
+    "timm_audio": _timm_audio,
+    "hf_audio": _hf_audio,
+}
+TOWER_MODALITY = {"timm": "image", "open_clip_vision": "image", "open_clip_text": "text", "hf_text": "text",
+                  "timm_audio": "audio", "hf_audio": "audio"}
+
+
+def build_tower(modality: str, cfg: TowerConfig, embed_dim: int) -> Tower:
+    """Build the tower named by `cfg.kind` and load `cfg.pretrained` (safetensors) if given."""
+    if TOWER_MODALITY[cfg.kind] != modality:
+        raise UserError(f"model.towers.{modality}.kind: {cfg.kind!r} is a {TOWER_MODALITY[cfg.kind]} tower, "
+                        f"not {modality}; allowed: {[k for k, m in TOWER_MODALITY.items() if m == modality]}")
+    tower = TOWER_BUILDERS[cfg.kind](cfg, embed_dim)
+    if cfg.pretrained:
+        _load_weights(tower.encoder, cfg.pretrained, f"model.towers.{modality}.pretrained")
+    return tower
+
+
+def _load_weights(module: nn.Module, path: str, key: str) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{key}: weights file {path} not found") from None
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise UserError(f"{key}: {path} is not a readable safetensors file ({exc})") from None
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{key}: {path} does not match the tower: {len(missing)} missing keys "
+                        f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
+
+def describe(tower: Tower) -> dict[str, Any]:
+    """Parameters and preprocess of a tower, for logs."""
+    return {"kind": tower.kind, "params": sum(p.numel() for p in tower.parameters()),
+            "preprocess": asdict(tower.preprocess)}

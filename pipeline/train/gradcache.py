@@ -1,0 +1,97 @@
+"""GradCache: a global contrastive batch whose encoder memory does not grow with its size.
+
+1. encode the local batch in micro-chunks without grad, remembering each chunk's RNG state;
+2. compute the (tiled, distributed) loss on the detached features and get d loss / d features;
+3. re-encode each chunk with grad under the same RNG state (same dropout) and backpropagate
+   the surrogate <features, d loss / d features>, plus the scale/bias terms once.
+The parameter gradients equal those of one full-batch backward; only one chunk's activations
+live at a time. `backward` is `engine.backward` under DeepSpeed (with unmanaged gradient
+accumulation, so the per-chunk backwards add up and `engine.step()` is the one boundary).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+SCALARS = ("logit_scale", "logit_bias")
+
+
+class RngState:
+    """CPU and CUDA RNG state at one point, to replay dropout exactly."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def split_batch(batch: dict, size: int) -> list[dict]:
+    """Split every tensor (and nested mask tensors) of a batch dict along dim 0 into chunks of `size`."""
+    n = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
+    chunks = []
+    for start in range(0, n, size):
+        sl = slice(start, start + size)
+        chunks.append({k: _slice(v, sl) for k, v in batch.items()})
+    return chunks
+
+
+def _slice(value, sl: slice):
+    if torch.is_tensor(value):
+        return value[sl]
+    if isinstance(value, dict):
+        return {k: _slice(v, sl) for k, v in value.items()}
+    if isinstance(value, list):
+        return value[sl]
+    return value
+
+
+def grad_cache_step(
+    encode: Callable[[dict], dict],
+    loss_fn: Callable[[dict], torch.Tensor],
+    backward: Callable[[torch.Tensor], object],
+    batch: dict,
+    micro_batch: int,
+    grad_scale: float = 1.0,
+    check_loss: Callable[[torch.Tensor], bool] = lambda loss: True,
+) -> torch.Tensor:
+    """One GradCache forward/backward; returns the detached loss.
+
+    `encode(chunk)` returns features (and logit_scale/bias) with grad; `loss_fn(features)` the loss on
+    the cached features. `grad_scale` multiplies the surrogate (DeepSpeed averages gradients over
+    ranks, the distributed loss gives each rank its share of the sum). If `check_loss(loss)` is False
+    (e.g. NaN on some rank) nothing is backpropagated.
+    """
+    chunks = split_batch(batch, micro_batch)
+    states, cached = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RngState())
+            cached.append(encode(chunk))
+    end_state = RngState()
+    leaves = {k: torch.cat([c[k] for c in cached]) if k not in SCALARS else cached[0][k]
+              for k in cached[0]}
+    leaves = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
+    loss = loss_fn(leaves)
+    if not check_loss(loss):
+        return loss.detach()
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
+
+    offset = 0
+    for i, (chunk, state) in enumerate(zip(chunks, states)):
+        state.restore()
+        out = encode(chunk)
+        n = next(v.shape[0] for k, v in out.items() if k not in SCALARS)
+        surrogate = sum((out[k] * grads[k][offset:offset + n]).sum()
+                        for k in out if k not in SCALARS and grads.get(k) is not None)
+        if i == 0:  # the scale and bias enter the loss once, not once per chunk
+            surrogate = surrogate + sum((out[k] * grads[k]).sum() for k in SCALARS
+                                        if k in out and grads.get(k) is not None)
+        backward(surrogate * grad_scale)
+        offset += n
+    end_state.restore()
+    return loss.detach()
