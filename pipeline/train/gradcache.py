@@ -67,6 +67,11 @@ def grad_cache_step(
     (e.g. NaN on some rank) nothing is backpropagated.
     """
     chunks = split_batch(batch, micro_batch)
+    if len(chunks) == 1:  # nothing to cache: one forward with grad is the same computation
+        loss = loss_fn(encode(batch))
+        if check_loss(loss):
+            backward(loss * grad_scale)
+        return loss.detach()
     states, cached = [], []
     with torch.no_grad():
         for chunk in chunks:
