@@ -27,8 +27,9 @@ class MultiModalCLIP(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.towers = nn.ModuleDict(towers)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
+        # Shape [1], not []: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors cannot give.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.full((1,), float(init_logit_bias))) if init_logit_bias is not None else None
         self.missing = nn.ParameterDict(
             {m: nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0)) for m in towers}
         )
@@ -70,9 +71,9 @@ class MultiModalCLIP(nn.Module):
             if neg is not None:  # [B, K, ...] hard negatives, encoded by the same tower
                 b, k = neg.shape[:2]
                 out[f"{m}_neg"] = self.encode(m, neg.flatten(0, 1)).view(b, k, -1)
-        out["logit_scale"] = self.logit_scale.clamp(max=MAX_LOG_SCALE).exp()
+        out["logit_scale"] = self.logit_scale.clamp(max=MAX_LOG_SCALE).exp().squeeze(0)
         if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias * 1.0
+            out["logit_bias"] = self.logit_bias.squeeze(0) * 1.0
         return out
 
 

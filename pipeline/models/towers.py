@@ -6,7 +6,7 @@ open_clip is a key rename, not a re-implementation. Every tower maps its input t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -38,7 +38,6 @@ class TextPreprocess:
 @dataclass
 class AudioPreprocess:
     sample_rate: int
-    extra: dict = field(default_factory=dict)
 
 
 class Tower(nn.Module):
@@ -91,15 +90,20 @@ def _open_clip_text(cfg: TowerConfig, embed_dim: int) -> Tower:
 class MelEncoder(nn.Module):
     """Waveform -> log-mel -> backbone -> projection; the front end lives in the model so it runs on the GPU."""
 
-    def __init__(self, frontend: nn.Module, backbone: nn.Module, width: int, embed_dim: int, layout: str):
+    def __init__(self, frontend: nn.Module, backbone: nn.Module, width: int, embed_dim: int, layout: str,
+                 frames: Optional[int] = None):
         super().__init__()
         self.frontend = frontend
         self.backbone = backbone
         self.proj = nn.Linear(width, embed_dim, bias=False)
         self.layout = layout  # "image": [B,1,mels,frames] for CNN/ViT; "frames": [B,frames,mels]; "mels": [B,mels,frames]
+        self.frames = frames  # transformer encoders with fixed positions need exactly this many frames
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         mel = self.frontend(waveform)  # [B, mels, frames]
+        if self.frames is not None and mel.shape[-1] != self.frames:
+            mel = nn.functional.pad(mel, (0, self.frames - mel.shape[-1])) if mel.shape[-1] < self.frames \
+                else mel[..., : self.frames]
         if self.layout == "image":
             pooled = self.backbone(mel.unsqueeze(1))
         else:
@@ -150,9 +154,9 @@ def _hf_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
         hf_cfg.num_mel_bins = frontend.n_mels
     else:
         backbone, layout = AutoModel.from_config(hf_cfg), "frames"
-    encoder = MelEncoder(frontend, backbone, hf_cfg.hidden_size if hasattr(hf_cfg, "hidden_size") else hf_cfg.d_model,
-                         embed_dim, layout)
-    return Tower(cfg.kind, encoder, AudioPreprocess(sample_rate, {"frames": _expected_frames(hf_cfg)}))
+    width = hf_cfg.hidden_size if hasattr(hf_cfg, "hidden_size") else hf_cfg.d_model
+    encoder = MelEncoder(frontend, backbone, width, embed_dim, layout, frames=_expected_frames(hf_cfg))
+    return Tower(cfg.kind, encoder, AudioPreprocess(sample_rate))
 
 
 def _expected_frames(hf_cfg) -> Optional[int]:

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,13 +26,11 @@ from pipeline.train.preemption import PreemptionFlag
 
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    return train(cfg, resume=args.resume)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    try:
+        return train(cfg, resume=args.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def init_distributed():
@@ -83,6 +79,8 @@ def sum_over_ranks(counter: Counter) -> Counter:
 
 
 def train(cfg: RunConfig, resume: str | None = None) -> int:
+    from accelerate.utils import set_seed
+
     from pipeline.data.loader import build_loader
     from pipeline.losses import ContrastiveLoss
     from pipeline.models import build_model
@@ -98,7 +96,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     log = RunLog(cfg.output_dir, rank, world)
-    seed_everything(cfg.train.seed)
+    set_seed(cfg.train.seed)  # accelerate's utility: python, numpy and torch (all devices) at once
 
     model = build_model(cfg.model)
     group = dist.group.WORLD if world > 1 else None
