@@ -70,7 +70,7 @@ def _open_clip_vision(cfg: TowerConfig, embed_dim: int) -> Tower:
     vision_cfg = _dataclass_from(CLIPVisionCfg, opts, f"model.towers.image.options ({cfg.kind})")
     encoder = _build_vision_tower(embed_dim, vision_cfg)
     size = vision_cfg.image_size if isinstance(vision_cfg.image_size, int) else vision_cfg.image_size[0]
-    return Tower(cfg.kind, encoder, ImagePreprocess(image_size=size, **pre), asdict(vision_cfg))
+    return Tower(cfg.kind, encoder, ImagePreprocess(image_size=size, **pre), _set_fields(vision_cfg))
 
 
 def _open_clip_text(cfg: TowerConfig, embed_dim: int) -> Tower:
@@ -83,7 +83,7 @@ def _open_clip_text(cfg: TowerConfig, embed_dim: int) -> Tower:
         opts = {"hf_model_name": cfg.name, "hf_tokenizer_name": cfg.name, "hf_model_pretrained": False, **opts}
     text_cfg = _dataclass_from(CLIPTextCfg, opts, f"model.towers.text.options ({cfg.kind})")
     encoder = _build_text_tower(embed_dim, text_cfg)
-    export_cfg = asdict(text_cfg) if cfg.kind == "open_clip_text" else None
+    export_cfg = _set_fields(text_cfg) if cfg.kind == "open_clip_text" else None
     return Tower(cfg.kind, encoder, TextPreprocess(text_cfg.context_length, text_cfg.hf_tokenizer_name), export_cfg)
 
 
@@ -163,6 +163,11 @@ def _expected_frames(hf_cfg) -> Optional[int]:
     if hf_cfg.model_type == "whisper":
         return 2 * hf_cfg.max_source_positions
     return getattr(hf_cfg, "max_length", None)
+
+
+def _set_fields(cfg) -> dict:
+    """An open_clip tower config as a dict without unset (None) fields: open_clip reads absent as default."""
+    return {k: v for k, v in asdict(cfg).items() if v is not None}
 
 
 def _dataclass_from(cls, opts: dict, where: str):

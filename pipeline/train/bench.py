@@ -1,0 +1,155 @@
+"""`mmclip bench train`: our trainer vs open_clip's (`open_clip_train`) on the same model, data and batch.
+
+Two measurements, each run as fresh subprocesses so neither trainer warms the other's caches:
+1. throughput: steady-state training samples/s (first log windows dropped as warm-up);
+2. the largest global batch that trains (a few steps) under a resident-memory cap, doubling B.
+open_clip gets the identical architecture: our towers are open_clip towers, so their configs
+are written as an open_clip model config and registered before its trainer starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+OPEN_CLIP_WRAPPER = """
+import sys, open_clip
+open_clip.add_model_config(sys.argv[1])
+from open_clip_train.main import main
+main(sys.argv[2:])
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "MMCLIP_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+MEASURE = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print("MMCLIP_MAXRSS_KIB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
+sys.exit(code)
+"""
+
+
+def _run_measured(cmd: list[str], cwd: Path) -> tuple[int, str]:
+    """Run a command; return (peak RSS of its largest process in MiB, or -1 if it failed; its output)."""
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=cwd, env=_env(), capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        return -1, output
+    return int(re.search(r"MMCLIP_MAXRSS_KIB (\d+)", output).group(1)) // 1024, output
+
+
+def open_clip_model_config(cfg: RunConfig) -> dict:
+    """Our image/text towers expressed as an open_clip model config (they are open_clip towers)."""
+    from pipeline.models import build_model
+
+    model = build_model(cfg.model)
+    towers = model.towers
+    return {"embed_dim": cfg.model.embed_dim, "vision_cfg": towers["image"].export_cfg,
+            "text_cfg": towers["text"].export_cfg}
+
+
+def ours_cmd(config: str, out: Path, batch: int, steps: int, micro_batch: int | None, workers: int) -> list[str]:
+    sets = {"output_dir": out, "data.batch_size": batch, "optim.total_steps": steps, "optim.warmup_steps": 0,
+            "train.log_every": 1, "train.checkpoint_every": 10**6, "eval.tasks": "[]", "data.workers": workers,
+            "train.micro_batch": micro_batch if micro_batch else "null", "deepspeed.zero_stage": 0}
+    args = [sys.executable, "-m", "pipeline", "train", config]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    return args
+
+
+def open_clip_cmd(cfg: RunConfig, model_json: Path, logs: Path, batch: int, steps: int, workers: int) -> list[str]:
+    return [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(model_json),
+            "--model", model_json.stem, "--train-data", cfg.data.train.split("::")[0],
+            "--dataset-type", "webdataset", "--dataset-resampled", "--train-num-samples", str(batch * steps),
+            "--batch-size", str(batch), "--epochs", "1", "--workers", str(workers), "--precision", "fp32",
+            "--lr", str(cfg.optim.lr), "--wd", str(cfg.optim.weight_decay), "--warmup", "0",
+            "--log-every-n-steps", "1", "--logs", str(logs), "--name", f"b{batch}-{time.time_ns()}",
+            "--save-frequency", "0", "--report-to", "", "--seed", "0", "--device", "cpu"]
+
+
+def _ours_rate(out: Path, skip: int) -> float:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][skip:]
+    return sum(rates) / len(rates)
+
+
+def _open_clip_rate(output: str, skip: int) -> float:
+    rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", output)][skip:]
+    if not rates:
+        raise RuntimeError("open_clip_train printed no throughput lines:\n" + output[-2000:])
+    return sum(rates) / len(rates)
+
+
+def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: int = 30, workers: int = 1,
+                    micro_batch: int = 64, mem_cap_mib: int = 3072, max_batch: int = 65536,
+                    out_dir: str = "docs/bench") -> dict:
+    cfg = load_config(config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"config": config, "batch": batch, "steps": steps, "workers": workers, "cpus": os.cpu_count(),
+                     "mem_cap_mib": mem_cap_mib, "micro_batch": micro_batch}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_json = tmp / "mmclip_bench_model.json"
+        model_json.write_text(json.dumps(open_clip_model_config(cfg)))
+        skip = max(2, steps // 5)
+
+        rss, log = _run_measured(ours_cmd(config, tmp / "ours", batch, steps, None, workers), ROOT)
+        if rss < 0:
+            raise RuntimeError("mmclip train failed:\n" + log[-2000:])
+        results["ours_samples_per_s"] = _ours_rate(tmp / "ours", skip)
+        rss, log = _run_measured(open_clip_cmd(cfg, model_json, tmp / "oc", batch, steps, workers), ROOT)
+        if rss < 0:
+            raise RuntimeError("open_clip_train failed:\n" + log[-2000:])
+        results["open_clip_samples_per_s"] = _open_clip_rate(log, skip)
+
+        results["ours_max_batch"], results["ours_rss"] = _largest_batch(
+            lambda b, i: ours_cmd(config, tmp / f"ours_mem{i}", b, 2, micro_batch, 0), mem_cap_mib, max_batch)
+        results["open_clip_max_batch"], results["open_clip_rss"] = _largest_batch(
+            lambda b, i: open_clip_cmd(cfg, model_json, tmp / f"oc_mem{i}", b, 2, 0), mem_cap_mib, max_batch)
+    write_report(results, out)
+    return results
+
+
+def _largest_batch(make_cmd, cap_mib: int, max_batch: int) -> tuple[int, dict]:
+    """Double the global batch until a 2-step run fails or exceeds the resident-memory cap."""
+    best, seen, b = 0, {}, 256
+    while b <= max_batch:
+        rss, _ = _run_measured(make_cmd(b, b), ROOT)
+        seen[b] = rss
+        if rss < 0 or rss > cap_mib:
+            break
+        best, b = b, b * 2
+    return best, seen
+
+
+def write_report(r: dict, out: Path) -> None:
+    (out / "train.json").write_text(json.dumps(r, indent=2))
+    lines = [
+        f"Demo model (`{r['config']}`), {r['cpus']} CPU cores, fp32, global batch {r['batch']}, "
+        f"{r['steps']} steps, {r['workers']} data worker(s).",
+        "",
+        "| trainer | samples/s | largest batch under "
+        f"{r['mem_cap_mib']} MiB RSS |",
+        "|---|---|---|",
+        f"| mmclip (DeepSpeed, GradCache micro-batch {r['micro_batch']}, tiled loss) | "
+        f"{r['ours_samples_per_s']:.0f} | {r['ours_max_batch']} |",
+        f"| open_clip_train | {r['open_clip_samples_per_s']:.0f} | {r['open_clip_max_batch']} |",
+        "",
+        "Peak RSS (MiB) by global batch: mmclip " + json.dumps(r["ours_rss"]) + "; open_clip "
+        + json.dumps(r["open_clip_rss"]) + " (-1: the run failed).",
+    ]
+    (out / "train.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
