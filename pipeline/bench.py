@@ -1,0 +1,50 @@
+"""`mmclip bench loss|data|train`: dispatch to the benchmark living beside what it measures.
+
+Each benchmark runs this implementation and open_clip's side by side in one run and writes a
+markdown table, JSON and (where it helps) a PNG under `--out` (default docs/bench).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    loss = sub.add_parser("loss", help="tiled losses vs open_clip ClipLoss/SigLipLoss and the symile package")
+    loss.add_argument("--kind", choices=["clip", "siglip", "symile"], default="clip")
+    loss.add_argument("--batch", type=_ints, default=[4096, 16384, 65536], help="comma-separated global batch sizes")
+    loss.add_argument("--dim", type=int, default=512)
+    data = sub.add_parser("data", help="decode+transform+batch samples/s vs open_clip's webdataset loader")
+    data.add_argument("--shards", default=None, help="shard spec (default: the demo train shards)")
+    data.add_argument("--batch-size", type=int, default=256)
+    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--batches", type=int, default=40)
+    train = sub.add_parser("train", help="training samples/s and largest batch under a memory cap vs open_clip_train")
+    train.add_argument("--config", default="configs/demo.yaml")
+    train.add_argument("--batch", type=int, default=128)
+    train.add_argument("--steps", type=int, default=30)
+    train.add_argument("--mem-cap-mib", type=int, default=3072)
+    train.add_argument("--max-batch", type=int, default=65536)
+    for sp in (loss, data, train):
+        sp.add_argument("--out", default="docs/bench", help="where tables and plots go")
+
+
+def run_bench(args) -> int:
+    if args.bench == "loss":
+        from pipeline.losses.bench import run_loss_bench
+
+        run_loss_bench(args.kind, args.batch, args.dim, args.out)
+    elif args.bench == "data":
+        from pipeline.data.bench import run_data_bench
+
+        run_data_bench(args.shards, args.batch_size, args.workers, args.batches, args.out)
+    else:
+        from pipeline.train.bench import run_train_bench
+
+        run_train_bench(args.config, batch=args.batch, steps=args.steps, mem_cap_mib=args.mem_cap_mib,
+                        max_batch=args.max_batch, out_dir=args.out)
+    return 0

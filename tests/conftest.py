@@ -1,0 +1,11 @@
+"""Shared fixtures: the demo shards are built once per session (seconds) from the committed data/."""
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    from pipeline.data.demo import build_demo_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    build_demo_shards(root)
+    return root
