@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml
 demo-data: $(STAMP)
 	$(BIN)/python -m pipeline.data.demo
 
+# A fresh run each time: train, then the zero-shot table and the open_clip export.
 demo: demo-data
+	rm -rf $(DEMO)
 	$(BIN)/mmclip train configs/demo.yaml --set output_dir=$(DEMO)
+	$(BIN)/mmclip eval --checkpoint $(DEMO) --task zeroshot_classification \
+		--dataset data/shards/demo/wds/fashion_mnist --output $(DEMO)/eval_fashion_mnist.json
+	$(BIN)/mmclip eval --checkpoint $(DEMO) --task zeroshot_retrieval \
+		--dataset data/shards/demo/wds/fashion_mnist_retrieval --output $(DEMO)/eval_retrieval.json
+	$(BIN)/mmclip export $(DEMO) --format open_clip --out $(DEMO)/export
 
 test: $(STAMP)
 	bash tests/install_system_deps.sh
