@@ -122,7 +122,7 @@ def attribute_thresholds(images: np.ndarray, labels: np.ndarray) -> dict[int, li
 def describe(image: np.ndarray, thresholds: list[np.ndarray]) -> dict[str, str]:
     values = image_attributes(image)
     return {name: ATTRIBUTE_WORDS[name][int(np.searchsorted(edges, v))]
-            for name, edges, v in zip(("tone", "size", "texture"), thresholds, values)}
+            for name, edges, v in zip(("tone", "size", "texture"), thresholds, values, strict=True)}
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -244,9 +244,9 @@ def symile_rows(split: str, fashion: list[dict], clips: dict[str, list[str]], rn
     order = rng.permutation(np.resize(np.arange(len(langs)), len(fashion)))
     settings = variants_for(split, len(LANGUAGE_SETTINGS), {HELD_OUT_SETTING})
     rows = []
-    for i, (row, l) in enumerate(zip(fashion, order)):
-        l, c = int(l), row["label"]
-        lang = langs[l]
+    for i, (row, lang_index) in enumerate(zip(fashion, order, strict=True)):
+        lang_index, c = int(lang_index), row["label"]
+        lang = langs[lang_index]
         n_phrases = len(LANGUAGES[lang][1])
         variant = int(rng.choice(settings)) * n_phrases + int(rng.integers(n_phrases))
         rows.append({
@@ -254,7 +254,7 @@ def symile_rows(split: str, fashion: list[dict], clips: dict[str, list[str]], rn
             "image": "../fashion_mnist/" + row["image"],
             "text": LANGUAGES[lang][2][c],
             "audio": clips[lang][variant],
-            "label": l * len(CLASSES) + c,
+            "label": lang_index * len(CLASSES) + c,
             "class": c,
             "language": lang,
         })
@@ -284,7 +284,7 @@ def main() -> None:
     for split, (stem, _) in SPLITS.items():
         images, labels = sources[stem]
         rows = fashion_rows(split, picked[split], images, labels, stem, thresholds, english, rng)
-        for row, idx in zip(rows, picked[split]):
+        for row, idx in zip(rows, picked[split], strict=True):
             pngs[row["image"].removeprefix("images/")] = png_bytes(images[idx])
         write_jsonl(fm / f"{split}.jsonl", rows)
         write_jsonl(sy / f"{split}.jsonl", symile_rows(split, rows, spoken_languages, rng))

@@ -95,7 +95,8 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"manifest {path} line {n}: invalid JSON ({exc.msg}); fix or remove the line")
+                raise UserError(f"manifest {path} line {n}: invalid JSON ({exc.msg}); fix or remove the line") \
+                    from None
             if not isinstance(record, dict):
                 raise UserError(f"manifest {path} line {n}: expected a JSON object, got {type(record).__name__}")
             records.append(record)

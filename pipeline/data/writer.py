@@ -22,9 +22,10 @@ import io
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import soundfile
 import webdataset as wds
@@ -193,7 +194,7 @@ class _BenchmarkSet:
     required: tuple[str, ...]
 
     @classmethod
-    def describe(cls, src: Source, chosen: tuple[str, ...], task: str, classnames, templates) -> "_BenchmarkSet":
+    def describe(cls, src: Source, chosen: tuple[str, ...], task: str, classnames, templates) -> _BenchmarkSet:
         if task not in TASKS:
             raise UserError(f"task {task!r} is not one of {', '.join(TASKS)}")
         if task == "auto":
@@ -379,7 +380,7 @@ def _write_planned(src: Source, shard_dir: Path, names: str, encoder: _SampleEnc
     sizes = {}
     show = progress and not os.environ.get("MMCLIP_NO_PROGRESS")
     with tqdm(total=len(src.rows), unit="sample", desc=f"shards -> {shard_dir}", disable=not show) as bar:
-        for name, rows in zip(shard_names, plan):
+        for name, rows in zip(shard_names, plan, strict=True):
             shard = shard_dir / name
             rel = str(shard.relative_to(report.out_dir))
             shard_rows = [src.rows[i] for i in rows]
