@@ -35,4 +35,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf runs data/shards
+	rm -rf runs data/shards data/fashion_mnist/images
