@@ -24,6 +24,14 @@ from pipeline.train.metrics import RunLog, plot_loss
 from pipeline.train.preemption import PreemptionFlag
 
 
+def add_train_args(p) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--resume", metavar="latest|PATH", default=None,
+                   help="continue from the latest checkpoint in output_dir (fresh start if none) or from PATH")
+
+
 def run_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
