@@ -1,0 +1,83 @@
+"""With a process group, each rank's loss is the global loss and its gradients are its share:
+feature gradients equal the matching slices of the single-process gradients, and the scale/bias
+gradients summed over ranks equal the single-process ones (counted once). 2 and 3 gloo ranks."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from pipeline.losses import clip_loss, siglip_loss, symile_loss
+
+B, D, K = 12, 6, 2
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=g, dtype=torch.float64), dim=-1)
+    return {"f": [unit(B, D) for _ in range(3)], "negs": unit(B, K, D),
+            "scale": torch.tensor(5.0, dtype=torch.float64), "bias": torch.tensor(-2.0, dtype=torch.float64)}
+
+
+def run_case(case, feats, negs, scale, bias, group):
+    if case == "clip":
+        return clip_loss(feats[0], feats[1], scale, chunk_size=5, hard_negatives=negs, hard_negative_alpha=0.5,
+                         hard_negative_beta=0.3, group=group)
+    if case == "siglip":
+        return siglip_loss(feats[0], feats[1], scale, bias, chunk_size=5, hard_negatives=negs, group=group)
+    if case == "symile_n":
+        return symile_loss(feats, scale, negatives="n", chunk_size=5, generator=torch.Generator().manual_seed(1),
+                           group=group)
+    return symile_loss(feats, scale, negatives="n_squared", chunk_size=5, group=group)
+
+
+def leaves(x):
+    return {"f": [t.clone().requires_grad_() for t in x["f"]], "negs": x["negs"].clone().requires_grad_(),
+            "scale": x["scale"].clone().requires_grad_(), "bias": x["bias"].clone().requires_grad_()}
+
+
+def grads(case, x, group):
+    loss = run_case(case, x["f"], x["negs"], x["scale"], x["bias"], group)
+    loss.backward()
+    return loss.detach(), {"f": [t.grad for t in x["f"]], "negs": x["negs"].grad, "scale": x["scale"].grad,
+                           "bias": x["bias"].grad}
+
+
+def worker(rank, world, port, case, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    full = inputs()
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    local = leaves({"f": [t[rows] for t in full["f"]], "negs": full["negs"][rows], "scale": full["scale"],
+                    "bias": full["bias"]})
+    loss, g = grads(case, local, dist.group.WORLD)
+    torch.save({"loss": loss, "g": g}, os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", ["clip", "siglip", "symile_n", "symile_n_squared"])
+def test_distributed_loss_equals_global_loss(case, world, tmp_path):
+    mp.spawn(worker, args=(world, free_port(), case, str(tmp_path)), nprocs=world)
+    ref_loss, ref = grads(case, leaves(inputs()), None)
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
+    for r, res in enumerate(results):
+        rows = slice(r * B // world, (r + 1) * B // world)
+        torch.testing.assert_close(res["loss"], ref_loss, rtol=1e-10, atol=1e-12)
+        for got, want in zip(res["g"]["f"], ref["f"]):
+            if want is not None:
+                torch.testing.assert_close(got, want[rows], rtol=1e-9, atol=1e-12)
+        if ref["negs"] is not None:
+            torch.testing.assert_close(res["g"]["negs"], ref["negs"][rows], rtol=1e-9, atol=1e-12)
+    for key in ("scale", "bias"):
+        if ref[key] is not None:
+            torch.testing.assert_close(sum(res["g"][key] for res in results), ref[key], rtol=1e-9, atol=1e-12)
