@@ -150,8 +150,8 @@ def _hf_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
     if hf_cfg.model_type == "whisper":
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+        hf_cfg.num_mel_bins = frontend.n_mels  # the encoder's first conv reads our mel bins
         backbone, layout = WhisperEncoder(hf_cfg), "mels"
-        hf_cfg.num_mel_bins = frontend.n_mels
     else:
         backbone, layout = AutoModel.from_config(hf_cfg), "frames"
     width = hf_cfg.hidden_size if hasattr(hf_cfg, "hidden_size") else hf_cfg.d_model

@@ -111,7 +111,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
     loss_module = ContrastiveLoss(kind=cfg.loss.kind, chunk_size=cfg.loss.chunk_size,
                                   hard_negative_alpha=cfg.loss.hard_negative_alpha,
                                   hard_negative_beta=cfg.loss.hard_negative_beta,
-                                  symile_negatives=cfg.loss.symile_negatives, group=group)
+                                  symile_negatives=cfg.loss.symile_negatives, group=group, seed=cfg.train.seed)
     engine, _, scheduler = build_engine(model, cfg, world)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     modalities = cfg.modalities
@@ -148,6 +148,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
     while step < cfg.optim.total_steps:
         batch = next(batches)
         skipped.update(batch.get("skipped", {}))
+        loss_module.reseed(step)  # Symile's negatives depend on the step only: same on every rank and after resume
         inputs = to_device(model_inputs(batch, modalities), engine.device, dtype)
         loss = grad_cache_step(engine, loss_fn, lambda s: engine.backward(s, scale_wrt_gas=False), inputs,
                                micro, grad_scale=float(world), check_loss=all_ranks_finite)
