@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data.decode import Skip, decode_sample
-from pipeline.data.sources import epoch_urls, expand_spec, resampled_urls
+from pipeline.data.sources import epoch_urls, expand_spec, resampled_urls, shard_sizes
 
 MODALITIES = ("image", "text", "audio")
 
@@ -33,6 +33,25 @@ def _register_fsspec_schemes() -> None:
         schemes[scheme] = lambda url, mode="rb", bufsize=8192: fsspec.open(url, mode).open()
 
 
+def count_short_shards(samples: Iterator[dict], sizes: dict[str, int], skipped: Counter) -> Iterator[dict]:
+    """A tar cut at a block boundary reads as a shorter, valid tar; sizes.json tells us what went missing."""
+    url, seen = None, 0
+
+    def close():
+        if url in sizes and 0 < seen < sizes[url]:
+            skipped["missing_in_truncated_shard"] += sizes[url] - seen
+
+    for sample in samples:
+        if sample.get("__url__") != url:
+            close()
+            url, seen = sample.get("__url__"), 0
+        seen += 1
+        if seen == sizes.get(url):
+            url, seen = None, 0  # complete; the same shard may be drawn again right away
+        yield sample
+    close()
+
+
 class ShardStream(IterableDataset):
     def __init__(self, cfg: DataConfig, spec: str, weights, modalities: list[str], preprocess: dict[str, Callable],
                  train: bool, resampled: bool, rank: int, world_size: int, seed: int, start_step: int,
@@ -43,6 +62,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_step, self.epoch, self.local_batch = start_step, epoch, local_batch
         self.extensions = {m: getattr(cfg, m).extensions for m in modalities}
+        self.sizes = shard_sizes([u for s in self.sources for u in s.urls])
         self.negatives = cfg.hard_negatives if train else None
 
     def _urls(self, worker: int, workers: int) -> Iterator[dict]:
@@ -66,9 +86,12 @@ class ShardStream(IterableDataset):
             return True  # continue with the next member/shard
 
         samples = wds.tarfile_to_samples(handler=on_read_error)(self._urls(worker, workers))
+        samples = count_short_shards(samples, self.sizes, skipped)
         if self.train and self.cfg.shuffle_buffer > 1:
             samples = wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng)(samples)
-        batch = []
+        # A finished batch is held back until the next one (or the end), so skips that happen after
+        # the last full batch of a finite stream are still reported with it.
+        batch, pending = [], None
         for raw in samples:
             try:
                 batch.append(self._prepare(raw, rng))
@@ -76,10 +99,18 @@ class ShardStream(IterableDataset):
                 skipped[skip.reason] += 1
                 continue
             if len(batch) == self.local_batch:
-                yield self._collate(batch, skipped)
-                batch, skipped = [], Counter()
+                if pending is not None:
+                    yield pending
+                pending, batch = self._collate(batch, skipped), []
+                skipped.clear()  # the stages hold this counter: empty it, never replace it
         if batch and not self.train:
-            yield self._collate(batch, skipped)
+            if pending is not None:
+                yield pending
+            pending = self._collate(batch, skipped)
+            skipped.clear()
+        if pending is not None:
+            pending["skipped"] = dict(Counter(pending["skipped"]) + skipped)
+            yield pending
 
     def _prepare(self, raw: dict, rng: random.Random) -> dict:
         neg_ext = self.negatives.extension if self.negatives else None
