@@ -7,5 +7,5 @@ def demo_shards(tmp_path_factory):
     from pipeline.data.demo import build_demo_shards
 
     root = tmp_path_factory.mktemp("shards")
-    build_demo_shards(root)
+    build_demo_shards(root, progress=False)
     return root

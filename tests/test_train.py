@@ -71,9 +71,10 @@ def test_two_process_deepspeed_training_loss_falls(demo_shards, tmp_path, stage)
 
 def test_resume_gives_the_identical_next_loss(demo_shards, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    run(train_cmd(1, tiny_overrides(demo_shards, full, 6)))
-    run(train_cmd(1, tiny_overrides(demo_shards, part, 3)))  # stops (and checkpoints) at step 3
-    run(train_cmd(1, tiny_overrides(demo_shards, part, 6), resume=True))
+    constant = {"optim.schedule": "constant"}  # so a 3-step run is the first half of the 6-step one
+    run(train_cmd(1, tiny_overrides(demo_shards, full, 6, **constant)))
+    run(train_cmd(1, tiny_overrides(demo_shards, part, 3, **constant)))  # stops (and checkpoints) at step 3
+    run(train_cmd(1, tiny_overrides(demo_shards, part, 6, **constant), resume=True))
     a = {m["step"]: m["loss"] for m in metrics(full)}
     b = {m["step"]: m["loss"] for m in metrics(part)}
     assert [e["event"] for e in events(part)].count("resume") == 1
