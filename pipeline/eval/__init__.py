@@ -1,0 +1,9 @@
+"""Zero-shot evaluation: classification, retrieval and joint (Symile) prediction for any modality pair.
+
+Reads CLIP_benchmark's local `wds/` layout (or the project's own shards), preprocesses exactly like
+open_clip's eval transforms and reports CLIP_benchmark's metric names, so numbers are comparable with
+`clip_benchmark eval` on an export. Never trains or changes a model.
+"""
+from pipeline.eval.run import evaluate_tasks
+
+__all__ = ["evaluate_tasks"]

@@ -1,0 +1,124 @@
+"""`mmclip eval` and the in-training hook: encode an eval set, compute metrics, print a table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+from pipeline.eval.datasets import iter_batches, open_eval_set
+from pipeline.eval.zeroshot import (SIMPLE_TEMPLATES, class_embeddings, classification_metrics, openai_templates,
+                                    retrieval_metrics)
+
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "symile_classification")
+
+
+def add_eval_args(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or safetensors export")
+    p.add_argument("--task", choices=TASKS, default="zeroshot_classification")
+    p.add_argument("--dataset", required=True, help="CLIP_benchmark wds root (ROOT/test/*.tar) or a shard spec")
+    p.add_argument("--modality", choices=["image", "audio"], default="image",
+                   help="the query modality; candidates are text (for symile: image+audio -> text)")
+    p.add_argument("--templates", choices=["dataset", "openai", "simple"], default="dataset",
+                   help="classification prompts: the dataset's file, OpenAI's 80, or the simple 7")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--output", help="write the metrics as JSON here")
+
+
+def _templates(choice: str, eval_set) -> list[str]:
+    if choice == "openai":
+        return openai_templates()
+    if choice == "simple" or not eval_set.templates:
+        return SIMPLE_TEMPLATES
+    return eval_set.templates
+
+
+@torch.no_grad()
+def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size: int = 256,
+             templates: str = "dataset", device="cpu") -> dict:
+    from pipeline.data.preprocess import TextTokenizer
+    from pipeline.models.preprocess import tower_preprocessors
+
+    eval_set = open_eval_set(dataset)
+    needed = ["image", "audio"] if task == "symile_classification" else [modality]
+    missing = [m for m in needed + ["text"] if m not in model.towers]
+    if missing:
+        raise UserError(f"{task} on {dataset} needs a {missing[0]} tower; the model has {sorted(model.towers)}")
+    data_cfg = _data_cfg_for(model)
+    preprocess = tower_preprocessors(model, data_cfg, train=False)
+    tokenize = preprocess["text"] if isinstance(preprocess["text"], TextTokenizer) else None
+    encode_text = lambda tokens: model.encode("text", tokens)
+    feats = {m: [] for m in needed}
+    labels, captions = [], []
+    for batch in iter_batches(eval_set, needed, preprocess, batch_size):
+        for m in needed:
+            feats[m].append(model.encode(m, batch[m].to(device)).float().cpu())
+        labels.append(batch["label"])
+        captions.extend(batch["captions"])
+    if not labels:
+        raise UserError(f"{dataset}: no readable samples with {needed} (skipped: {eval_set.skipped})")
+    feats = {m: torch.cat(v) for m, v in feats.items()}
+    labels = torch.cat(labels)
+    if task == "zeroshot_retrieval":
+        texts = [c for caps in captions for c in caps]
+        owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+        text_feats = torch.cat([model.encode("text", tokenize(texts[i:i + batch_size]).to(device)).float().cpu()
+                                for i in range(0, len(texts), batch_size)])
+        metrics = retrieval_metrics(F.normalize(feats[modality], dim=-1), F.normalize(text_feats, dim=-1), owner)
+    else:
+        classifier = class_embeddings(encode_text, tokenize, eval_set.classnames, _templates(templates, eval_set),
+                                      device).cpu()
+        if task == "zeroshot_classification":
+            metrics = classification_metrics(F.normalize(feats[modality], dim=-1), classifier, labels)
+        else:  # Symile: multilinear score <image ⊙ audio, text> next to the pairwise sum
+            joint = classification_metrics(feats["image"] * feats["audio"], classifier, labels)
+            pairwise = classification_metrics(feats["image"] + feats["audio"], classifier, labels)
+            metrics = {**joint, **{f"pairwise_{k}": v for k, v in pairwise.items()}}
+    metrics["samples"] = int(len(labels))
+    if eval_set.skipped:
+        metrics["skipped"] = dict(eval_set.skipped)
+    return metrics
+
+
+def _data_cfg_for(model):
+    """Eval needs only the audio clip settings; they follow the audio tower's sample rate."""
+    from pipeline.config import AudioData, DataConfig
+
+    audio = model.towers["audio"].preprocess.sample_rate if "audio" in model.towers else 16000
+    return DataConfig(train="-", batch_size=1, audio=AudioData(sample_rate=audio))
+
+
+def evaluate_tasks(model, tasks, batch_size: int, device) -> dict[str, float]:
+    """The trainer's hook: flat `name/metric` values for every configured task."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for t in tasks:
+        name = t.name or Path(t.dataset).name
+        for k, v in evaluate(model, t.task, t.dataset, t.modality, batch_size, device=device).items():
+            if isinstance(v, (int, float)):
+                out[f"{name}/{k}"] = v
+    model.train(was_training)
+    return out
+
+
+def format_table(metrics: dict) -> str:
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def run_eval(args) -> int:
+    from pipeline.models.io import load_model
+
+    model, _ = load_model(args.checkpoint)
+    metrics = evaluate(model, args.task, args.dataset, args.modality, args.batch_size, args.templates)
+    print(f"{args.task} on {args.dataset} ({args.modality}), model {args.checkpoint}")
+    print(format_table(metrics))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({"task": args.task, "dataset": args.dataset, "metrics": metrics},
+                                                indent=2))
+    return 0
