@@ -9,3 +9,6 @@ def demo_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     build_demo_shards(root, progress=False)
     return root
+
+
+from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
