@@ -59,14 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_, description, add_args, run in COMMANDS:
-        try:
-            add = _resolve(add_args)
-        except ImportError as exc:  # a stage whose module is not built yet is simply not offered
-            if not (exc.name or "").startswith("pipeline"):
-                raise
-            continue
         p = sub.add_parser(name, help=help_, description=description)
-        add(p)
+        _resolve(add_args)(p)
         p.set_defaults(run=run)
     return parser
 
