@@ -4,7 +4,7 @@ Every (implementation, batch) pair runs in a fresh subprocess, so its peak resid
 (ru_maxrss) minus the resident memory after the inputs exist is the extra memory of that loss
 alone. References that cannot fit in this machine's RAM are skipped, not crashed. The GEMM
 FLOP limit is measured on the spot: the tiled loss does 4 GEMMs of B×B×D (forward, and
-recompute + two gradient GEMMs in backward).
+recompute + two gradient GEMMs in backward), once per anchor modality for Symile.
 """
 from __future__ import annotations
 
@@ -85,7 +85,8 @@ def run_loss_bench(kind: str, batches: list[int], dim: int, out_dir: str) -> lis
     for batch in batches:
         ours = measure(kind, "mmclip", batch, dim)
         ref = measure(kind, "reference", batch, dim) if reference_fits(batch, n_mod) else {"skipped": "does not fit in RAM"}
-        gemm_seconds = 4 * 2 * batch * batch * dim * (n_mod - 1) / flops
+        sweeps = n_mod if kind == "symile" else 1  # Symile: one B×B sweep per anchor modality
+        gemm_seconds = 4 * 2 * batch * batch * dim * sweeps / flops
         rows.append({"batch": batch, "dim": dim, "mmclip": ours, "reference": ref,
                      "gemm_limit_seconds": gemm_seconds})
         print(json.dumps(rows[-1]), flush=True)
