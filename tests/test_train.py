@@ -100,3 +100,16 @@ def test_kill_9_then_resume_finishes(demo_shards, tmp_path):
     assert events(out)[-1]["event"] == "finished"
     resumed = [e for e in events(out) if e["event"] == "resume"]
     assert resumed and resumed[0]["checkpoint"] >= latest
+
+
+def test_epoch_mode_trains_across_epochs_and_resumes_exactly(demo_shards, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    sets = {"optim.schedule": "constant", "data.resampled": "false", "data.num_samples": 96,
+            "train.checkpoint_every": 4}  # 3 batches of 32 per epoch
+    run(train_cmd(1, tiny_overrides(demo_shards, full, 8, **sets)))
+    run(train_cmd(1, tiny_overrides(demo_shards, part, 4, **sets)))
+    run(train_cmd(1, tiny_overrides(demo_shards, part, 8, **sets), resume=True))
+    a = {m["step"]: m["loss"] for m in metrics(full)}
+    b = {m["step"]: m["loss"] for m in metrics(part)}
+    for step in range(5, 9):  # step 4 ends mid-epoch 2; the resumed run skips what epoch 2 already gave
+        assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)

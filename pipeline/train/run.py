@@ -18,6 +18,7 @@ import torch.distributed as dist
 from pipeline.config import RunConfig, load_config, save_config
 from pipeline.errors import UserError
 from pipeline.launch.env import REQUEUE_EXIT_CODE, discover_env, export_torch_env
+from pipeline.train.batches import BatchStream
 from pipeline.train.checkpoint import find_resume_tag, load_checkpoint, save_checkpoint
 from pipeline.train.gradcache import grad_cache_step
 from pipeline.train.metrics import RunLog, plot_loss
@@ -117,21 +118,18 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
     modalities = cfg.modalities
     preprocess = tower_preprocessors(model, cfg.data, train=True)
 
-    step, skipped, bad_steps, samples = 0, Counter(), 0, 0
+    step, skipped, bad_steps, samples, position = 0, Counter(), 0, 0, {}
     tag = find_resume_tag(cfg, resume)
     if tag is not None:
         state = load_checkpoint(engine, cfg, tag, rank)
         step, bad_steps, samples = state["step"], state["bad_steps"], state["samples"]
-        skipped = Counter(state["skipped"])
+        skipped, position = Counter(state["skipped"]), state["data"]
         log.event("resume", step, checkpoint=tag)
     log.event("start", step)
 
-    def make_batches(at_step: int):
-        # The stream is reseeded by step, so data after a checkpoint is a function of the step alone
-        # and a resumed run sees what the uninterrupted run would have seen.
-        loader = build_loader(cfg.data, split="train", modalities=modalities, preprocess=preprocess,
-                              rank=rank, world_size=world, seed=cfg.train.seed, start_step=at_step)
-        return iter(loader)
+    def make_loader(at_step: int, epoch: int):
+        return build_loader(cfg.data, split="train", modalities=modalities, preprocess=preprocess, rank=rank,
+                            world_size=world, seed=cfg.train.seed, start_step=at_step, epoch=epoch)
 
     def loss_fn(features: dict) -> torch.Tensor:
         negs = {m: features[f"{m}_neg"] for m in modalities if f"{m}_neg" in features}
@@ -141,7 +139,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
     local_batch = cfg.data.batch_size // world
     micro = cfg.train.micro_batch or local_batch
     preempt = PreemptionFlag()
-    batches = make_batches(step)
+    batches = BatchStream(cfg.data, make_loader, step, position.get("epoch", 0), position.get("batches_in_epoch", 0))
     progress = _progress(rank, step, cfg.optim.total_steps)
     engine.train()
     t0, window_samples, last_loss = time.time(), 0, float("nan")
@@ -184,7 +182,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
 
         stopping = preempt.any_rank()
         if stopping or step % cfg.train.checkpoint_every == 0 or step == cfg.optim.total_steps:
-            state = {"step": step, "bad_steps": bad_steps, "samples": samples, "skipped": dict(skipped)}
+            state = {"step": step, "bad_steps": bad_steps, "samples": samples, "skipped": dict(skipped),
+                     "data": batches.state()}
             path = save_checkpoint(engine, cfg, step, state, rank)
             log.event("checkpoint", step, path=str(path))
             if stopping:
@@ -192,7 +191,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
                 progress.close()
                 return REQUEUE_EXIT_CODE
             if step < cfg.optim.total_steps:
-                batches = make_batches(step)
+                batches.restart(step)
 
     progress.close()
     totals = sum_over_ranks(skipped)
