@@ -76,6 +76,18 @@ def _start_munge() -> bool:
     return True
 
 
+def _drain(env: dict, timeout: float = 60) -> None:
+    """Cancel every job and wait until the queue is empty: slurmstepd needs slurmd alive to finish."""
+    subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        queue = subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip()
+        steps = subprocess.run(["pgrep", "-f", "slurmstepd"], capture_output=True).returncode == 0
+        if not queue and not steps:
+            return
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     reason = _why_not()
@@ -102,6 +114,7 @@ def slurm_cluster(tmp_path_factory):
             pytest.skip(f"local Slurm did not become idle: {(root / 'slurmctld.log').read_text()[-500:]}")
         yield env
     finally:
+        _drain(env)
         pid_files = [root / "slurmd.pid", root / "slurmctld.pid"] + ([MUNGE_PID] if started_munge else [])
         for pid_file in pid_files:
             if pid_file.is_file():
