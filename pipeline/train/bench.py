@@ -76,7 +76,8 @@ def open_clip_cmd(cfg: RunConfig, model_json: Path, logs: Path, batch: int, step
             "--batch-size", str(batch), "--epochs", "1", "--workers", str(workers), "--precision", "fp32",
             "--lr", str(cfg.optim.lr), "--wd", str(cfg.optim.weight_decay), "--warmup", "0",
             "--log-every-n-steps", "1", "--logs", str(logs), "--name", f"b{batch}-{time.time_ns()}",
-            "--save-frequency", "0", "--report-to", "", "--seed", "0", "--device", "cpu"]
+            "--save-frequency", "0", "--report-to", "", "--seed", "0", "--device", "cpu"] + (
+                ["--grad-clip-norm", str(cfg.optim.grad_clip)] if cfg.optim.grad_clip else [])
 
 
 def _ours_rate(out: Path, skip: int) -> float:
