@@ -120,3 +120,18 @@ def test_clip_benchmark_judge_agrees_with_mmclip_eval(demo_shards, saved_model, 
     assert len(keys) == (3 if task == "zeroshot_classification" else 6)
     for k in keys:
         assert ours[k] == pytest.approx(theirs[k], abs=1e-4), k
+
+
+def test_image_to_audio_retrieval_on_project_shards(demo_shards, tmp_path):
+    cfg = ModelConfig(embed_dim=16, towers={**TINY, "audio": {"kind": "timm_audio", "name": "resnet10t",
+                                                              "options": {"n_mels": 16}}})
+    torch.manual_seed(0)
+    save_model(build_model(cfg).state_dict(), cfg, tmp_path / "m")
+    out = tmp_path / "r.json"
+    shards = str(demo_shards / "demo" / "val" / "val-000000.tar")
+    assert main(["eval", "--checkpoint", str(tmp_path / "m"), "--task", "zeroshot_retrieval", "--dataset", shards,
+                 "--modality", "image", "--target", "audio", "--output", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    assert metrics["samples"] == 500
+    assert 0 <= metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@10"] <= 1
+    assert metrics["text_retrieval_recall@10"] > 0  # 10 of 500 candidates: a random model still hits sometimes

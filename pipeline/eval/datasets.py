@@ -28,7 +28,7 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def open_eval_set(root: str, split: str = "test") -> EvalSet:
+def open_eval_set(root: str, task: str = "zeroshot_classification", split: str = "test") -> EvalSet:
     base = Path(root)
     if (base / split / "nshards.txt").is_file():
         n = int((base / split / "nshards.txt").read_text().strip())
@@ -43,7 +43,8 @@ def open_eval_set(root: str, split: str = "test") -> EvalSet:
         urls = [u for s in expand_spec(root, key="--dataset") for u in s.urls]
         meta = Path(urls[0]).parent
     kind_file = meta / "dataset_type.txt"
-    kind = kind_file.read_text().strip() if kind_file.is_file() else "classification"
+    default = "retrieval" if task == "zeroshot_retrieval" else "classification"
+    kind = kind_file.read_text().strip() if kind_file.is_file() else default
     classnames = _lines(meta / "classnames.txt") if (meta / "classnames.txt").is_file() else None
     templates_file = meta / "zeroshot_classification_templates.txt"
     templates = _lines(templates_file) if templates_file.is_file() else None

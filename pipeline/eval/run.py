@@ -20,7 +20,10 @@ def add_eval_args(p) -> None:
     p.add_argument("--task", choices=TASKS, default="zeroshot_classification")
     p.add_argument("--dataset", required=True, help="CLIP_benchmark wds root (ROOT/test/*.tar) or a shard spec")
     p.add_argument("--modality", choices=["image", "audio"], default="image",
-                   help="the query modality; candidates are text (for symile: image+audio -> text)")
+                   help="the query modality (for symile: image+audio -> text)")
+    p.add_argument("--target", choices=["text", "image", "audio"], default="text",
+                   help="retrieval candidates: text captions (default) or the paired clip of another modality, "
+                        "e.g. --modality image --target audio on shards that hold both")
     p.add_argument("--templates", choices=["dataset", "openai", "simple"], default="dataset",
                    help="classification prompts: the dataset's file, OpenAI's 80, or the simple 7")
     p.add_argument("--batch-size", type=int, default=256)
@@ -37,12 +40,15 @@ def _templates(choice: str, eval_set) -> list[str]:
 
 @torch.no_grad()
 def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size: int = 256,
-             templates: str = "dataset", device="cpu") -> dict:
+             templates: str = "dataset", device="cpu", target: str = "text") -> dict:
     from pipeline.data.preprocess import TextTokenizer
     from pipeline.models.preprocess import tower_preprocessors
 
-    eval_set = open_eval_set(dataset)
-    needed = ["image", "audio"] if task == "symile_classification" else [modality]
+    eval_set = open_eval_set(dataset, task)
+    paired = task == "zeroshot_retrieval" and target != "text"
+    if paired and target == modality:
+        raise UserError(f"--modality and --target are both {modality}; pick two different modalities")
+    needed = ["image", "audio"] if task == "symile_classification" else [modality] + ([target] if paired else [])
     missing = [m for m in needed + ["text"] if m not in model.towers]
     if missing:
         raise UserError(f"{task} on {dataset} needs a {missing[0]} tower; the model has {sorted(model.towers)}")
@@ -61,7 +67,10 @@ def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size
         raise UserError(f"{dataset}: no readable samples with {needed} (skipped: {eval_set.skipped})")
     feats = {m: torch.cat(v) for m, v in feats.items()}
     labels = torch.cat(labels)
-    if task == "zeroshot_retrieval":
+    if paired:  # one clip of each modality per item: item i's only positive is its own partner
+        metrics = retrieval_metrics(F.normalize(feats[modality], dim=-1), F.normalize(feats[target], dim=-1),
+                                    torch.arange(len(labels)))
+    elif task == "zeroshot_retrieval":
         texts = [c for caps in captions for c in caps]
         owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
         text_feats = torch.cat([model.encode("text", tokenize(texts[i:i + batch_size]).to(device)).float().cpu()
@@ -114,8 +123,9 @@ def run_eval(args) -> int:
     from pipeline.models.io import load_model
 
     model, _ = load_model(args.checkpoint)
-    metrics = evaluate(model, args.task, args.dataset, args.modality, args.batch_size, args.templates)
-    print(f"{args.task} on {args.dataset} ({args.modality}), model {args.checkpoint}")
+    metrics = evaluate(model, args.task, args.dataset, args.modality, args.batch_size, args.templates,
+                       target=args.target)
+    print(f"{args.task} on {args.dataset} ({args.modality} -> {args.target}), model {args.checkpoint}")
     print(format_table(metrics))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
