@@ -35,7 +35,7 @@ def _ours(spec: str, modalities: list[str], config: str, batch_size: int, worker
     cfg = load_config(config)
     data = DataConfig(train=spec, batch_size=batch_size, workers=workers, audio=cfg.data.audio)
     model = build_model(cfg.model)
-    preprocess = {m: p for m, p in tower_preprocessors(model, data, train=True).items() if m in modalities}
+    preprocess = {m: p for m, p in tower_preprocessors(model, data.audio, train=True).items() if m in modalities}
     return _rate(build_loader(data, split="train", modalities=modalities, preprocess=preprocess), n_batches, batch_size)
 
 

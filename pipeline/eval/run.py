@@ -52,8 +52,7 @@ def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size
     missing = [m for m in needed + ["text"] if m not in model.towers]
     if missing:
         raise UserError(f"{task} on {dataset} needs a {missing[0]} tower; the model has {sorted(model.towers)}")
-    data_cfg = _data_cfg_for(model)
-    preprocess = tower_preprocessors(model, data_cfg, train=False)
+    preprocess = tower_preprocessors(model, None, train=False)
     tokenize = preprocess["text"] if isinstance(preprocess["text"], TextTokenizer) else None
     encode_text = lambda tokens: model.encode("text", tokens)
     feats = {m: [] for m in needed}
@@ -89,14 +88,6 @@ def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size
     if eval_set.skipped:
         metrics["skipped"] = dict(eval_set.skipped)
     return metrics
-
-
-def _data_cfg_for(model):
-    """Eval needs only the audio clip settings; they follow the audio tower's sample rate."""
-    from pipeline.config import AudioData, DataConfig
-
-    audio = model.towers["audio"].preprocess.sample_rate if "audio" in model.towers else 16000
-    return DataConfig(train="-", batch_size=1, audio=AudioData(sample_rate=audio))
 
 
 def evaluate_tasks(model, tasks, batch_size: int, device) -> dict[str, float]:

@@ -40,7 +40,6 @@ def softmax_weights(z, l1, l2, beta):
     return (1 + beta) * torch.exp((1 + beta) * z - l1) - beta * torch.exp(beta * z - l2)
 
 
-
 class LogDenominators(torch.autograd.Function):
     """Σ over this rank's rows of the row log-denominators (+ Σ over its columns of the column ones).
 

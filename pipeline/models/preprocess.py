@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pipeline.config import DataConfig
+from pipeline.config import AudioData
 from pipeline.data.preprocess import AudioClip, ImageTransform, TextTokenizer
 from pipeline.errors import UserError
 
 
-def tower_preprocessors(model, data_cfg: DataConfig, train: bool) -> dict[str, Callable]:
+def tower_preprocessors(model, audio: AudioData | None, train: bool) -> dict[str, Callable]:
+    """`audio` (data.audio) sets clip length; None takes the audio tower's sample rate and the default length."""
     out = {}
     for modality, tower in model.towers.items():
         p = tower.preprocess
@@ -17,8 +18,9 @@ def tower_preprocessors(model, data_cfg: DataConfig, train: bool) -> dict[str, C
         elif modality == "text":
             out[modality] = TextTokenizer(p.context_length, p.hf_tokenizer)
         else:
-            if p.sample_rate != data_cfg.audio.sample_rate:
+            audio = audio or AudioData(sample_rate=p.sample_rate)
+            if p.sample_rate != audio.sample_rate:
                 raise UserError(f"model.towers.audio.options.sample_rate={p.sample_rate} differs from "
-                                f"data.audio.sample_rate={data_cfg.audio.sample_rate}; make them equal")
-            out[modality] = AudioClip(data_cfg.audio.sample_rate, data_cfg.audio.seconds, train)
+                                f"data.audio.sample_rate={audio.sample_rate}; make them equal")
+            out[modality] = AudioClip(audio.sample_rate, audio.seconds, train)
     return out

@@ -116,7 +116,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
     engine, _, scheduler = build_engine(model, cfg, world)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     modalities = cfg.modalities
-    preprocess = tower_preprocessors(model, cfg.data, train=True)
+    preprocess = tower_preprocessors(model, cfg.data.audio, train=True)
 
     step, skipped, bad_steps, samples, position = 0, Counter(), 0, 0, {}
     tag = find_resume_tag(cfg, resume)
