@@ -7,7 +7,7 @@ open_clip is a key rename, not a re-implementation. Every tower maps its input t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -214,9 +214,3 @@ def _load_weights(module: nn.Module, path: str, key: str) -> None:
     if missing or unexpected:
         raise UserError(f"{key}: {path} does not match the tower: {len(missing)} missing keys "
                         f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
-
-
-def describe(tower: Tower) -> dict[str, Any]:
-    """Parameters and preprocess of a tower, for logs."""
-    return {"kind": tower.kind, "params": sum(p.numel() for p in tower.parameters()),
-            "preprocess": asdict(tower.preprocess)}
