@@ -1,7 +1,8 @@
 """`mmclip bench train`: our trainer vs open_clip's (`open_clip_train`) on the same model, data and batch.
 
 Two measurements, each run as fresh subprocesses so neither trainer warms the other's caches:
-1. throughput: steady-state training samples/s (first log windows dropped as warm-up);
+1. throughput: steady-state training samples/s (first log windows dropped as warm-up), the median of
+   `repeats` runs of each trainer, interleaved so machine noise hits both alike;
 2. the largest global batch that trains (a few steps) under a resident-memory cap, doubling B.
 open_clip gets the identical architecture: our towers are open_clip towers, so their configs
 are written as an open_clip model config and registered before its trainer starts.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,7 +97,7 @@ def _open_clip_rate(output: str, skip: int) -> float:
 
 def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: int = 30, workers: int = 1,
                     micro_batch: int = 64, mem_cap_mib: int = 3072, max_batch: int = 65536,
-                    out_dir: str = "docs/bench") -> dict:
+                    out_dir: str = "docs/bench", repeats: int = 3) -> dict:
     cfg = load_config(config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,14 +109,15 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
         model_json.write_text(json.dumps(open_clip_model_config(cfg)))
         skip = max(2, steps // 5)
 
-        rss, log = _run_measured(ours_cmd(config, tmp / "ours", batch, steps, None, workers), ROOT)
-        if rss < 0:
-            raise RuntimeError("mmclip train failed:\n" + log[-2000:])
-        results["ours_samples_per_s"] = _ours_rate(tmp / "ours", skip)
-        rss, log = _run_measured(open_clip_cmd(cfg, model_json, tmp / "oc", batch, steps, workers), ROOT)
-        if rss < 0:
-            raise RuntimeError("open_clip_train failed:\n" + log[-2000:])
-        results["open_clip_samples_per_s"] = _open_clip_rate(log, skip)
+        ours, theirs = [], []
+        for i in range(repeats):
+            ours.append(_throughput(ours_cmd(config, tmp / f"ours{i}", batch, steps, None, workers),
+                                    lambda log: _ours_rate(tmp / f"ours{i}", skip)))
+            theirs.append(_throughput(open_clip_cmd(cfg, model_json, tmp / f"oc{i}", batch, steps, workers),
+                                      lambda log: _open_clip_rate(log, skip)))
+        results["ours_samples_per_s"] = statistics.median(ours)
+        results["open_clip_samples_per_s"] = statistics.median(theirs)
+        results["ours_runs"], results["open_clip_runs"] = ours, theirs
 
         results["ours_max_batch"], results["ours_rss"] = _largest_batch(
             lambda b, i: ours_cmd(config, tmp / f"ours_mem{i}", b, 2, micro_batch, 0), mem_cap_mib, max_batch)
@@ -122,6 +125,13 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
             lambda b, i: open_clip_cmd(cfg, model_json, tmp / f"oc_mem{i}", b, 2, 0), mem_cap_mib, max_batch)
     write_report(results, out)
     return results
+
+
+def _throughput(cmd: list[str], rate) -> float:
+    rss, log = _run_measured(cmd, ROOT)
+    if rss < 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} failed:\n" + log[-2000:])
+    return rate(log)
 
 
 def _largest_batch(make_cmd, cap_mib: int, max_batch: int) -> tuple[int, dict]:
@@ -140,7 +150,9 @@ def write_report(r: dict, out: Path) -> None:
     (out / "train.json").write_text(json.dumps(r, indent=2))
     lines = [
         f"Demo model (`{r['config']}`), {r['cpus']} CPU cores, fp32, global batch {r['batch']}, "
-        f"{r['steps']} steps, {r['workers']} data worker(s).",
+        f"{r['steps']} steps, {r['workers']} data worker(s); samples/s is the median of "
+        f"{len(r['ours_runs'])} interleaved runs each (mmclip {[round(x) for x in r['ours_runs']]}, "
+        f"open_clip {[round(x) for x in r['open_clip_runs']]}).",
         "",
         "| trainer | samples/s | largest batch under "
         f"{r['mem_cap_mib']} MiB RSS |",
