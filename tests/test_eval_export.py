@@ -135,3 +135,30 @@ def test_image_to_audio_retrieval_on_project_shards(demo_shards, tmp_path):
     assert metrics["samples"] == 500
     assert 0 <= metrics["image_retrieval_recall@1"] <= metrics["image_retrieval_recall@10"] <= 1
     assert metrics["text_retrieval_recall@10"] > 0  # 10 of 500 candidates: a random model still hits sometimes
+
+
+def test_hf_text_tower_exports_with_its_config_and_tokenizer(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from pipeline.data.preprocess import TextTokenizer
+
+    hf = tmp_path / "bert"
+    hf.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "bag", "dress"]
+    (hf / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(hf / "vocab.txt")).save_pretrained(hf)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(hf)
+    cfg = ModelConfig(embed_dim=16, towers={"image": TINY["image"], "text": {"kind": "hf_text", "name": str(hf),
+                                                                             "options": {"context_length": 8}}})
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    said = []
+    out = export_open_clip(model, cfg, tmp_path / "export", announce=said.append)
+    assert "transformers text tower" in said[0] and (out / "config.json").is_file()
+    oc, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    oc.eval()
+    tokens = open_clip.get_tokenizer(f"local-dir:{out}")(["a photo of a bag", "dress"])
+    assert torch.equal(tokens, TextTokenizer(8, str(hf))(["a photo of a bag", "dress"]))
+    with torch.no_grad():
+        assert (oc.encode_text(tokens, normalize=True) - model.encode_text(tokens)).abs().max() <= 1e-5

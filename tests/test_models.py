@@ -48,7 +48,7 @@ def test_hf_text_from_local_path(tmp_path):
                          intermediate_size=64)).save_pretrained(tmp_path)
     tower = _encode("text", {"kind": "hf_text", "name": str(tmp_path), "options": {"context_length": 8}},
                     torch.randint(0, len(vocab), (2, 8)))
-    assert tower.export_cfg is None and tower.preprocess.hf_tokenizer == str(tmp_path)
+    assert tower.export_cfg["hf_model_name"] == str(tmp_path) and tower.preprocess.hf_tokenizer == str(tmp_path)
 
 
 def test_timm_audio():

@@ -14,14 +14,27 @@ from pipeline.errors import UserError
 CONFIG, WEIGHTS, EXTRA = "open_clip_config.json", "open_clip_model.safetensors", "extra_towers"
 
 
+def copy_hf_text(tower, folder: Path) -> dict:
+    """A transformers text tower built from a local path: its config + tokenizer go into the export folder
+    itself, where open_clip's `local-dir:` tokenizer looks for them."""
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tower.encoder.config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tower.preprocess.hf_tokenizer).save_pretrained(folder)
+    return {**tower.export_cfg, "hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
+            "hf_model_pretrained": False}
+
+
 def open_clip_state_dict(model) -> dict[str, torch.Tensor]:
     """towers.image.encoder.* -> visual.*; towers.text.encoder.* -> CLIP's top-level text keys; scalars as []."""
+    text_prefix = "text." if model.towers["text"].kind == "hf_text" else ""  # CustomTextCLIP nests the text tower
     out = {}
     for key, value in model.state_dict().items():
         if key.startswith("towers.image.encoder."):
             out["visual." + key.removeprefix("towers.image.encoder.")] = value
         elif key.startswith("towers.text.encoder."):
-            out[key.removeprefix("towers.text.encoder.")] = value
+            out[text_prefix + key.removeprefix("towers.text.encoder.")] = value
         elif key in ("logit_scale", "logit_bias"):
             out[key] = value.reshape(())
     return {k: v.detach().float().contiguous() for k, v in out.items()}
@@ -41,18 +54,23 @@ def open_clip_config(model, model_cfg) -> dict:
 def export_open_clip(model, model_cfg, out_dir: str | Path, announce=print) -> Path:
     for modality in ("image", "text"):
         tower = model.towers[modality] if modality in model.towers else None
-        if tower is None or tower.export_cfg is None:
+        if tower is None or tower.export_cfg is None:  # e.g. a model of image + audio only
             kind = tower.kind if tower else "no"
             raise UserError(f"open_clip export needs open_clip/timm image and open_clip text towers; this model has "
                             f"{kind} {modality} tower; use --format safetensors")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     extra = [m for m in model.towers if m not in ("image", "text")]
     if extra:  # said first, before any file is written
         announce(f"note: open_clip cannot express the {', '.join(extra)} tower(s); they are written to "
                  f"{out / EXTRA}/<modality>/ (tower.safetensors + tower.yaml), not into the open_clip model")
+    config = open_clip_config(model, model_cfg)
+    if model.towers["text"].kind == "hf_text":
+        announce(f"note: the transformers text tower's config.json and tokenizer are written into {out}; "
+                 f"open_clip_config.json names that absolute path as hf_model_name, so re-export after moving it")
+        config["model_cfg"]["text_cfg"] = copy_hf_text(model.towers["text"], out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(open_clip_state_dict(model), str(out / WEIGHTS))
-    (out / CONFIG).write_text(json.dumps(open_clip_config(model, model_cfg), indent=2))
+    (out / CONFIG).write_text(json.dumps(config, indent=2))
     for m in extra:
         folder = out / EXTRA / m
         folder.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,9 @@ class Tower(nn.Module):
         self.kind = kind
         self.encoder = encoder
         self.preprocess = preprocess
-        self.export_cfg = export_cfg  # open_clip vision_cfg / text_cfg, None if open_clip cannot express it
+        # open_clip vision_cfg / text_cfg; None if open_clip cannot express the tower (audio). An hf_text
+        # cfg names a local path, which the export replaces with a copy inside the export folder.
+        self.export_cfg = export_cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -83,8 +85,8 @@ def _open_clip_text(cfg: TowerConfig, embed_dim: int) -> Tower:
         opts = {"hf_model_name": cfg.name, "hf_tokenizer_name": cfg.name, "hf_model_pretrained": False, **opts}
     text_cfg = _dataclass_from(CLIPTextCfg, opts, f"model.towers.text.options ({cfg.kind})")
     encoder = _build_text_tower(embed_dim, text_cfg)
-    export_cfg = _set_fields(text_cfg) if cfg.kind == "open_clip_text" else None
-    return Tower(cfg.kind, encoder, TextPreprocess(text_cfg.context_length, text_cfg.hf_tokenizer_name), export_cfg)
+    return Tower(cfg.kind, encoder, TextPreprocess(text_cfg.context_length, text_cfg.hf_tokenizer_name),
+                 _set_fields(text_cfg))
 
 
 class MelEncoder(nn.Module):
