@@ -118,6 +118,14 @@ class DeepSpeedConfig(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     config_override: Optional[str] = Field(None, description="DeepSpeed JSON merged over the generated one")
 
+    @model_validator(mode="after")
+    def _bf16_needs_zero(self):
+        # Without ZeRO, DeepSpeed's bf16 path accumulates gradients in bf16 and keeps fp32 master
+        # weights that its checkpoint tools cannot consolidate; ZeRO >= 1 keeps both in fp32.
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("precision 'bf16' needs zero_stage >= 1 (1 costs nothing on one rank)")
+        return self
+
 
 # ----------------------------------------------------------------------------- eval
 class EvalTask(Section):

@@ -76,6 +76,11 @@ def test_cross_field_rule(tmp_path):
     assert "init_logit_bias" in msg
 
 
+def test_bf16_without_zero_is_refused(tmp_path):
+    msg = _error(tmp_path, lambda r: r["deepspeed"].update(precision="bf16", zero_stage=0))
+    assert "deepspeed" in msg and "zero_stage >= 1" in msg
+
+
 def test_one_tower_is_not_enough(tmp_path):
     msg = _error(tmp_path, lambda r: r["model"]["towers"].pop("text"))
     assert "at least two towers" in msg

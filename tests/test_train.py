@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,18 @@ def test_two_process_deepspeed_training_loss_falls(demo_shards, tmp_path, stage)
     assert (ckpt / "step_00000012" / "model.safetensors").is_file()
     assert (out / "loss.png").is_file() and (out / "config.yaml").is_file()
     assert any((out / "tensorboard").iterdir())
+
+
+def test_bf16_training_consolidates_fp32_weights(demo_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "bf16"
+    run(train_cmd(1, tiny_overrides(demo_shards, out, 12, **{"deepspeed.zero_stage": 1,
+                                                              "deepspeed.precision": "bf16"})))
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    weights = load_file(out / "checkpoints" / "step_00000012" / "model.safetensors")
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
 def test_resume_gives_the_identical_next_loss(demo_shards, tmp_path):
