@@ -165,4 +165,33 @@ def write_report(r: dict, out: Path) -> None:
         + json.dumps(r["open_clip_rss"]) + " (-1: the run failed).",
     ]
     (out / "train.md").write_text("\n".join(lines) + "\n")
+    plot(r, out / "train.png")
     print("\n".join(lines))
+
+
+def plot(r: dict, path: Path) -> None:
+    """Left: samples/s of every run; right: peak RSS against global batch, with the memory cap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for x, (key, label) in enumerate((("ours", "mmclip"), ("open_clip", "open_clip_train"))):
+        runs = r[f"{key}_runs"]
+        speed.bar(x, r[f"{key}_samples_per_s"], color=f"C{x}", alpha=0.6)
+        speed.plot([x] * len(runs), runs, "k.", ms=6)
+        pts = sorted((int(b), m) for b, m in r[f"{key}_rss"].items() if m > 0)
+        memory.plot([b for b, _ in pts], [m for _, m in pts], "o-", color=f"C{x}", label=label)
+    speed.set_xticks([0, 1], ["mmclip", "open_clip_train"])
+    speed.set_ylabel(f"training samples/s (batch {r['batch']})")
+    memory.axhline(r["mem_cap_mib"], color="k", ls="--", lw=1, label="memory cap")
+    memory.set_xscale("log", base=2)
+    memory.set_xlabel("global batch")
+    memory.set_ylabel("peak RSS (MiB)")
+    memory.legend()
+    for ax in (speed, memory):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
