@@ -63,7 +63,8 @@ class TowerConfig(Section):
 
     kind: Literal["timm", "open_clip_vision", "open_clip_text", "hf_text", "timm_audio", "hf_audio"]
     name: Optional[str] = Field(None, description="timm model name, or a local transformers path/config")
-    pretrained: Optional[str] = Field(None, description="local weights file (safetensors) to load")
+    pretrained: Optional[str] = Field(None, description="local safetensors file or folder: the tower's, an "
+                                      "open_clip model's, or a timm/transformers checkpoint")
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the builder")
 
 

@@ -98,3 +98,108 @@ def test_presence_mask_uses_missing_embedding_and_save_load_round_trip(tmp_path)
         again = loaded(batch)
     for key in ("image", "text", "logit_scale"):
         torch.testing.assert_close(again[key], out[key])
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+def _save(tensors: dict, path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return str(path)
+
+
+def _tower(modality, tower_cfg, pretrained=None):
+    return build_tower(modality, TowerConfig(**tower_cfg, pretrained=pretrained), D).eval()
+
+
+def test_pretrained_from_an_open_clip_model_file_loads_both_towers(tmp_path, capsys):
+    from pipeline.export.open_clip import open_clip_state_dict
+
+    image = {"kind": "open_clip_vision", "options": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                                     "head_width": 16}}
+    source = build_model(ModelConfig(embed_dim=D, towers={"image": image, "text": TEXT})).eval()
+    path = _save(open_clip_state_dict(source), tmp_path / "open_clip_model.safetensors")
+    x, t = torch.randn(2, 3, 16, 16), torch.randint(1, 100, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(_tower("image", image, path)(x), source.towers["image"](x))
+        torch.testing.assert_close(_tower("text", TEXT, path)(t), source.towers["text"](t))
+    assert "(prefix 'visual.')" in capsys.readouterr().out
+
+
+def test_pretrained_from_an_mmclip_checkpoint_finds_the_tower_prefix(tmp_path):
+    source = build_model(ModelConfig(embed_dim=D, towers={"image": {"kind": "timm", "name": "resnet10t",
+                                                                    "options": {"image_size": 32}}, "text": TEXT}))
+    path = _save(source.state_dict(), tmp_path / "model.safetensors")
+    tower = _tower("text", TEXT, path)
+    torch.testing.assert_close(tower.state_dict(), source.towers["text"].state_dict())
+
+
+def test_pretrained_timm_checkpoint_loads_into_the_trunk_and_leaves_the_head(tmp_path, capsys):
+    import timm
+
+    timm_model = timm.create_model("resnet10t", num_classes=7)
+    path = _save(timm_model.state_dict(), tmp_path / "resnet10t.safetensors")
+    tower = _tower("image", {"kind": "timm", "name": "resnet10t", "options": {"image_size": 32}}, path)
+    trunk = tower.encoder.trunk.state_dict()
+    assert trunk.keys() < timm_model.state_dict().keys()
+    for k, v in trunk.items():
+        torch.testing.assert_close(v, timm_model.state_dict()[k])
+    assert "its timm backbone" in capsys.readouterr().out
+
+
+def test_pretrained_rgb_timm_stem_loads_into_the_spectrogram_cnn(tmp_path):
+    import timm
+
+    rgb = timm.create_model("resnet10t", num_classes=0)
+    path = _save(rgb.state_dict(), tmp_path / "rgb.safetensors")
+    tower = _tower("audio", {"kind": "timm_audio", "name": "resnet10t", "options": {"n_mels": 32}}, path)
+    own = tower.encoder.backbone.state_dict()
+    stem = next(k for k, v in own.items() if v.ndim == 4 and v.shape[1] == 1)
+    assert rgb.state_dict()[stem].shape[1] == 3
+    torch.testing.assert_close(own[stem], rgb.state_dict()[stem].sum(1, keepdim=True))
+    for k, v in own.items():
+        if k != stem:
+            torch.testing.assert_close(v, rgb.state_dict()[k])
+
+
+def test_pretrained_transformers_folder_with_a_task_prefix(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "dog", "cat"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64))
+    mlm.save_pretrained(tmp_path)
+    tower = _tower("text", {"kind": "hf_text", "name": str(tmp_path), "options": {"context_length": 8}},
+                   str(tmp_path))
+    for k, v in tower.encoder.transformer.state_dict().items():
+        torch.testing.assert_close(v, mlm.state_dict()["bert." + k])
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    (b"not safetensors", "not a readable safetensors file"),
+    ({"weight": torch.zeros(3)}, "does not hold this open_clip_text tower's weights"),
+])
+def test_pretrained_errors_name_the_key_and_file(tmp_path, content, message):
+    path = tmp_path / "w.safetensors"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        _save(content, path)
+    with pytest.raises(UserError, match=rf"model\.towers\.text\.pretrained: .*{message}"):
+        _tower("text", TEXT, str(path))
+
+
+def test_saved_model_does_not_need_the_pretrained_file_again(tmp_path):
+    source = build_model(ModelConfig(embed_dim=D, towers={
+        "image": {"kind": "timm", "name": "resnet10t", "options": {"image_size": 32}}, "text": TEXT}))
+    init = _save(source.towers["text"].state_dict(), tmp_path / "text.safetensors")
+    cfg = ModelConfig(embed_dim=D, towers={"image": {"kind": "timm", "name": "resnet10t",
+                                                     "options": {"image_size": 32}},
+                                           "text": {**TEXT, "pretrained": init}})
+    save_model(build_model(cfg).state_dict(), cfg, tmp_path / "saved")
+    (tmp_path / "text.safetensors").unlink()
+    loaded, _ = load_model(tmp_path / "saved")
+    torch.testing.assert_close(loaded.towers["text"].state_dict(), source.towers["text"].state_dict())

@@ -28,7 +28,10 @@ def save_model(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_
     save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "mmclip"})
     tmp.replace(out / WEIGHTS)
     tmp_cfg = out / (MODEL_CONFIG + ".tmp")
-    tmp_cfg.write_text(yaml.safe_dump(model_cfg.model_dump(mode="json"), sort_keys=False))
+    saved_cfg = model_cfg.model_dump(mode="json")
+    for tower in saved_cfg["towers"].values():
+        tower["pretrained"] = None  # these weights supersede the init; loading them must not need that file
+    tmp_cfg.write_text(yaml.safe_dump(saved_cfg, sort_keys=False))
     tmp_cfg.replace(out / MODEL_CONFIG)
     return out
 

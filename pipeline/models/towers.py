@@ -193,26 +193,13 @@ TOWER_MODALITY = {"timm": "image", "open_clip_vision": "image", "open_clip_text"
 
 
 def build_tower(modality: str, cfg: TowerConfig, embed_dim: int) -> Tower:
-    """Build the tower named by `cfg.kind` and load `cfg.pretrained` (safetensors) if given."""
+    """Build the tower named by `cfg.kind` and load `cfg.pretrained` (see pipeline.models.pretrained) if given."""
     if TOWER_MODALITY[cfg.kind] != modality:
         raise UserError(f"model.towers.{modality}.kind: {cfg.kind!r} is a {TOWER_MODALITY[cfg.kind]} tower, "
                         f"not {modality}; allowed: {[k for k, m in TOWER_MODALITY.items() if m == modality]}")
     tower = TOWER_BUILDERS[cfg.kind](cfg, embed_dim)
     if cfg.pretrained:
-        _load_weights(tower.encoder, cfg.pretrained, f"model.towers.{modality}.pretrained")
+        from pipeline.models.pretrained import load_pretrained
+
+        load_pretrained(tower, cfg.pretrained, f"model.towers.{modality}.pretrained")
     return tower
-
-
-def _load_weights(module: nn.Module, path: str, key: str) -> None:
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(path)
-    except FileNotFoundError:
-        raise UserError(f"{key}: weights file {path} not found") from None
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise UserError(f"{key}: {path} is not a readable safetensors file ({exc})") from None
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{key}: {path} does not match the tower: {len(missing)} missing keys "
-                        f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
