@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multimodal CLIP-style pretraining: WebDataset shards -> towers -> DeepSpeed with a "
         "chunked contrastive loss -> zero-shot eval -> open_clip export, on Slurm.",
     )
+    # The deepspeed launcher puts --local_rank=N before the command; the rank is read from the environment
+    # it sets as well (pipeline.launch.env), so the flag is accepted and otherwise unused.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_, description, add_args, run in COMMANDS:
         p = sub.add_parser(name, help=help_, description=description)

@@ -1,4 +1,4 @@
-"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3), exact resume, kill -9 recovery."""
+"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, torchrun and the deepspeed launcher), bf16, exact resume, kill -9 recovery."""
 import json
 import os
 import signal
@@ -31,11 +31,17 @@ def tiny_overrides(shards: Path, out: Path, steps: int, **extra) -> list[str]:
     return out_args
 
 
-def train_cmd(nproc: int, overrides: list[str], resume: bool = False) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--master_port", str(29600 + os.getpid() % 300), "-m", "pipeline"] if nproc > 1 \
-        else [sys.executable, "-m", "pipeline"]
-    return launcher + ["train", str(ROOT / "configs/demo.yaml"), *overrides] + (["--resume", "latest"] if resume else [])
+def train_cmd(nproc: int, overrides: list[str], resume: bool = False, launcher: str = "torchrun") -> list[str]:
+    port = str(29600 + os.getpid() % 300)
+    if nproc == 1:
+        prefix = [sys.executable, "-m", "pipeline"]
+    elif launcher == "torchrun":
+        prefix = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", port,
+                  "-m", "pipeline"]
+    else:  # the deepspeed launcher: it passes --local_rank=N to the module, on CPU as on GPUs
+        prefix = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port,
+                  "--module", "pipeline"]
+    return prefix + ["train", str(ROOT / "configs/demo.yaml"), *overrides] + (["--resume", "latest"] if resume else [])
 
 
 def run(cmd, timeout=600):
@@ -53,11 +59,11 @@ def events(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_two_process_deepspeed_training_loss_falls(demo_shards, tmp_path, stage):
+@pytest.mark.parametrize("stage, launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
+def test_two_process_deepspeed_training_loss_falls(demo_shards, tmp_path, stage, launcher):
     out = tmp_path / f"zero{stage}"
     run(train_cmd(2, tiny_overrides(demo_shards, out, 12, **{"deepspeed.zero_stage": stage,
-                                                              "train.micro_batch": 8})))
+                                                              "train.micro_batch": 8}), launcher=launcher))
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
