@@ -1,4 +1,4 @@
-"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, torchrun and the deepspeed launcher), bf16, exact resume, kill -9 recovery."""
+"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher), bf16, exact resume, kill -9 recovery."""
 import json
 import os
 import signal
@@ -59,11 +59,16 @@ def events(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("stage, launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
-def test_two_process_deepspeed_training_loss_falls(demo_shards, tmp_path, stage, launcher):
+@pytest.mark.parametrize("stage, launcher, override", [
+    (1, "torchrun", None), (2, "deepspeed", None), (3, "torchrun", None),
+    (3, "torchrun", "configs/deepspeed/zero3_offload.json"),  # the shipped optimizer-offload settings
+], ids=["zero1", "zero2-deepspeed-launcher", "zero3", "zero3-offload"])
+def test_two_process_deepspeed_training_loss_falls(demo_shards, tmp_path, stage, launcher, override):
     out = tmp_path / f"zero{stage}"
-    run(train_cmd(2, tiny_overrides(demo_shards, out, 12, **{"deepspeed.zero_stage": stage,
-                                                              "train.micro_batch": 8}), launcher=launcher))
+    sets = {"deepspeed.zero_stage": stage, "train.micro_batch": 8}
+    if override:
+        sets["deepspeed.config_override"] = str(ROOT / override)
+    run(train_cmd(2, tiny_overrides(demo_shards, out, 12, **sets), launcher=launcher))
     losses = [m["loss"] for m in metrics(out) if "loss" in m]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses

@@ -51,6 +51,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
         "zero_allow_untested_optimizer": True,
+        # With optimizer offload the client AdamW steps on the CPU copies; torch's fused CPU kernel is the
+        # vectorised optimizer DeepSpeed otherwise insists on compiling (DeepSpeedCPUAdam) for.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
