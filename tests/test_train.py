@@ -1,4 +1,5 @@
-"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher), bf16, exact resume, kill -9 recovery."""
+"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher), 10% corrupt shards, bf16, exact resume, kill -9 recovery."""
+import io
 import json
 import os
 import signal
@@ -79,6 +80,32 @@ def test_two_process_deepspeed_training_loss_falls(demo_shards, tmp_path, stage,
     assert (ckpt / "step_00000012" / "model.safetensors").is_file()
     assert (out / "loss.png").is_file() and (out / "config.yaml").is_file()
     assert any((out / "tensorboard").iterdir())
+
+
+def test_shards_with_ten_percent_corrupt_samples_train_to_the_end(demo_shards, tmp_path):
+    import tarfile
+
+    bad_dir = tmp_path / "corrupt"
+    bad_dir.mkdir()
+    corrupted = 0
+    for shard in sorted((demo_shards / "demo/train").glob("*.tar")):
+        with tarfile.open(shard) as src, tarfile.open(bad_dir / shard.name, "w") as dst:
+            for member in src.getmembers():
+                data = src.extractfile(member).read()
+                if member.name.endswith(".png") and int(member.name.split("_")[1].split(".")[0]) % 10 == 0:
+                    data, corrupted = b"\x89PNG but truncated", corrupted + 1
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+    out = tmp_path / "run"
+    spec = str(bad_dir / "train-{000000..000005}.tar")
+    proc = run(train_cmd(1, tiny_overrides(demo_shards, out, 10, **{"data.train": spec})))
+    finished = events(out)[-1]
+    assert finished["event"] == "finished" and finished["step"] == 10
+    seen = finished["skipped"]["corrupt_image"]
+    assert 0.05 * 10 * 32 < seen < 0.2 * 10 * 32, finished  # about 1 in 10 of the ~320 samples read
+    assert f"corrupt_image={seen}" in proc.stdout
+    assert metrics(out)[-1]["skipped/corrupt_image"] == seen
+    assert corrupted == 300
 
 
 def test_bf16_training_consolidates_fp32_weights(demo_shards, tmp_path):
