@@ -108,6 +108,21 @@ def test_shards_with_ten_percent_corrupt_samples_train_to_the_end(demo_shards, t
     assert corrupted == 300
 
 
+def test_eval_every_n_steps_lands_in_metrics_and_tensorboard(demo_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "evals"
+    task = f"[{{task: zeroshot_classification, dataset: {demo_shards / 'demo/wds/fashion_mnist'}, name: fm}}]"
+    run(train_cmd(1, tiny_overrides(demo_shards, out, 6, **{"eval.tasks": task, "eval.every_steps": 3})))
+    evals = [(m["step"], m["fm/acc1"]) for m in metrics(out) if "fm/acc1" in m]
+    assert [step for step, _ in evals] == [3, 6]  # the final eval is the step-6 one, not run twice
+    assert all(0.0 <= acc <= 1.0 for _, acc in evals)
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("fm/acc1")] == [3, 6]
+    assert [e.step for e in tb.Scalars("loss")] == list(range(1, 7))
+
+
 def test_bf16_training_consolidates_fp32_weights(demo_shards, tmp_path):
     from safetensors.torch import load_file
 

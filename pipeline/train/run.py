@@ -142,7 +142,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
     batches = BatchStream(cfg.data, make_loader, step, position.get("epoch", 0), position.get("batches_in_epoch", 0))
     progress = _progress(rank, step, cfg.optim.total_steps)
     engine.train()
-    t0, window_samples, last_loss = time.time(), 0, float("nan")
+    t0, window_samples, last_loss, evaluated = time.time(), 0, float("nan"), False
     while step < cfg.optim.total_steps:
         batch = next(batches)
         skipped.update(batch.get("skipped", {}))
@@ -176,7 +176,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
             progress.set_postfix(loss=f"{last_loss:.4f}", sps=f"{record['samples_per_s']:.0f}")
             t0, window_samples = time.time(), 0
 
-        if cfg.eval.every_steps and cfg.eval.tasks and step % cfg.eval.every_steps == 0:
+        evaluated = bool(cfg.eval.every_steps and cfg.eval.tasks and step % cfg.eval.every_steps == 0)
+        if evaluated:
             log.metrics(step, _evaluate(engine, cfg))
             engine.train()
 
@@ -195,9 +196,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
 
     progress.close()
     totals = sum_over_ranks(skipped)
-    if cfg.eval.tasks:
-        final = _evaluate(engine, cfg)
-        log.metrics(step, final)
+    if cfg.eval.tasks and not evaluated:  # the last step's periodic eval already is the final one
+        log.metrics(step, _evaluate(engine, cfg))
     if rank == 0:
         plot_loss(cfg.output_dir)
         skipped_line = ", ".join(f"{k}={v}" for k, v in sorted(totals.items())) or "none"
