@@ -21,7 +21,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     data = sub.add_parser("data", help="decode+transform+batch samples/s vs open_clip's webdataset loader")
     data.add_argument("--shards", default=None, help="shard spec (default: the demo train shards)")
     data.add_argument("--batch-size", type=int, default=256)
-    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--workers", type=_ints, default=[0, 1, 2], help="comma-separated worker counts to sweep")
+    data.add_argument("--repeats", type=int, default=3, help="runs per cell (median reported)")
     data.add_argument("--batches", type=int, default=40)
     train = sub.add_parser("train", help="training samples/s and largest batch under a memory cap vs open_clip_train")
     train.add_argument("--config", default="configs/demo.yaml")
@@ -41,7 +42,7 @@ def run_bench(args) -> int:
     elif args.bench == "data":
         from pipeline.data.bench import run_data_bench
 
-        run_data_bench(args.shards, args.batch_size, args.workers, args.batches, args.out)
+        run_data_bench(args.shards, args.batch_size, args.workers, args.batches, args.out, args.repeats)
     else:
         from pipeline.train.bench import run_train_bench
 

@@ -1,0 +1,30 @@
+"""The benchmarks run end to end at toy sizes and write their table, JSON and plot (numbers live in docs/bench)."""
+import json
+
+import pytest
+
+from pipeline.cli import main
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip", "symile"])
+def test_loss_bench_agrees_with_the_reference_and_writes_its_report(kind, tmp_path):
+    assert main(["bench", "loss", "--kind", kind, "--batch", "100", "--dim", "16", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / f"loss_{kind}.json").read_text())
+    for row in report["rows"]:
+        ours, ref = row["mmclip"], row["reference"]
+        assert ours["seconds"] > 0 and ref["seconds"] > 0
+        if kind != "symile":  # Symile("n") draws its own random negatives, so only clip/siglip values must agree
+            assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert (tmp_path / f"loss_{kind}.md").read_text().count("\n| 100 | ") == 1 and (tmp_path / f"loss_{kind}.png").is_file()
+
+
+def test_data_bench_sweeps_workers_and_writes_its_report(demo_shards, tmp_path):
+    spec = str(demo_shards / "demo/train/train-{000000..000005}.tar")
+    assert main(["bench", "data", "--shards", spec, "--batch-size", "32", "--workers", "0,1", "--batches", "2",
+                 "--repeats", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "data.json").read_text())
+    cells = {(r["modalities"], r["loader"], r["workers"]) for r in report["rows"]}
+    assert cells == {(m, impl, w) for m, impl in [("image+text", "mmclip"), ("image+text", "open_clip"),
+                                                   ("audio+text", "mmclip")] for w in (0, 1)}
+    assert all(r["samples_per_s"] > 0 for r in report["rows"])
+    assert "| audio+text | 1 |" in (tmp_path / "data.md").read_text() and (tmp_path / "data.png").is_file()
