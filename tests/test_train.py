@@ -146,6 +146,13 @@ def test_resume_gives_the_identical_next_loss(demo_shards, tmp_path):
     assert [e["event"] for e in events(part)].count("resume") == 1
     for step in (4, 5, 6):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)
+    # resuming from an earlier checkpoint saves step 6 again: the old one is replaced, never lost midway
+    earlier = part / "checkpoints" / "step_00000003"
+    run(train_cmd(1, tiny_overrides(demo_shards, part, 6, **constant)) + ["--resume", str(earlier)])
+    again = [m["loss"] for m in metrics(part) if m["step"] == 6]
+    assert len(again) == 2 and again[1] == pytest.approx(a[6], rel=1e-6, abs=1e-7)
+    assert sorted(p.name for p in (part / "checkpoints").iterdir() if p.is_dir())[-1] == "step_00000006"
+    assert (part / "checkpoints" / "latest").read_text().strip() == "step_00000006"
 
 
 def test_kill_9_then_resume_finishes(demo_shards, tmp_path):
@@ -166,6 +173,25 @@ def test_kill_9_then_resume_finishes(demo_shards, tmp_path):
     assert events(out)[-1]["event"] == "finished"
     resumed = [e for e in events(out) if e["event"] == "resume"]
     assert resumed and resumed[0]["checkpoint"] >= latest
+
+
+def test_resume_latest_survives_a_kill_in_the_middle_of_a_save(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.train.checkpoint import _prune, find_resume_tag
+
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path}"])
+    root = tmp_path / "checkpoints"
+    for name in ("step_00000003", "step_00000006", "step_00000009.tmp", "step_00000006.old"):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.safetensors").write_bytes(b"")
+    assert find_resume_tag(cfg, "latest") == "step_00000006"  # no `latest` file yet: newest complete
+    (root / "latest").write_text("step_00000009\n")  # killed between renaming and pointing
+    assert find_resume_tag(cfg, "latest") == "step_00000006"
+    (root / "latest").write_text("step_00000003\n")
+    assert find_resume_tag(cfg, "latest") == "step_00000003"  # `latest` is honoured when it is complete
+    _prune(root, keep=1)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000006", "step_00000006.old",
+                                                                   "step_00000009.tmp"]
 
 
 def test_epoch_mode_trains_across_epochs_and_resumes_exactly(demo_shards, tmp_path):

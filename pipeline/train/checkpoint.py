@@ -3,10 +3,12 @@
 Layout under `output_dir/checkpoints/`: `step_00000100/` (DeepSpeed's files, one RNG file per
 rank, and a consolidated `model.safetensors` + `model_config.yaml`), and `latest` naming the
 newest complete one. A checkpoint is written under `step_X.tmp` and renamed when every rank is
-done, so a kill at any moment leaves the previous checkpoint intact.
+done, so a kill at any moment leaves the previous checkpoint intact; if a kill leaves `latest`
+naming no complete checkpoint, `--resume latest` takes the newest complete one.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -16,7 +18,7 @@ import torch.distributed as dist
 
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
-from pipeline.models.io import save_model
+from pipeline.models.io import WEIGHTS, save_model
 
 LATEST = "latest"
 
@@ -47,11 +49,13 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank:
     state = consolidated_state_dict(engine, root, tmp_tag, cfg.deepspeed.zero_stage)
     if rank == 0:
         save_model(state, cfg.model, root / tmp_tag)
-        final = root / tag
-        if final.exists():
-            shutil.rmtree(final)
+        final, aside = root / tag, root / (tag + ".old")
+        if final.exists():  # the same step saved again (a resume from an earlier checkpoint): swap, then delete
+            shutil.rmtree(aside, ignore_errors=True)
+            final.rename(aside)
         (root / tmp_tag).rename(final)
         _write_latest(root, tag)
+        shutil.rmtree(aside, ignore_errors=True)
         _prune(root, cfg.train.keep_checkpoints)
     _barrier()
     return root / tag
@@ -92,9 +96,14 @@ def _write_latest(root: Path, tag: str) -> None:
     tmp.replace(root / LATEST)
 
 
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (not `.tmp` saves in progress, not `.old` ones being replaced)."""
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name)
+                  and (p / WEIGHTS).is_file())
+
+
 def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
+    for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old)
 
 
@@ -105,7 +114,12 @@ def find_resume_tag(cfg: RunConfig, resume: Optional[str]) -> Optional[str]:
     root = checkpoint_root(cfg)
     if resume == "latest":
         latest = root / LATEST
-        return latest.read_text().strip() if latest.is_file() else None
+        tag = latest.read_text().strip() if latest.is_file() else None
+        if tag is not None and (root / tag / WEIGHTS).is_file():
+            return tag
+        # `latest` is missing or names a checkpoint a kill cut short: the newest complete one is the truth
+        done = complete_checkpoints(root)
+        return done[-1].name if done else None
     path = Path(resume)
     if not path.is_dir() or path.parent.resolve() != root.resolve():
         raise UserError(f"--resume {resume}: not a checkpoint directory under {root}; use --resume latest "
