@@ -72,3 +72,30 @@ def test_nonfinite_loss_skips_backward():
     loss = grad_cache_step(model, lambda f: _loss(f) * float("nan"), calls.append, batch, 3,
                            check_loss=lambda l: bool(torch.isfinite(l)))
     assert torch.isnan(loss) and calls == []
+
+
+@pytest.mark.parametrize("micro", [3, 10])
+def test_gradcache_with_hard_negatives_matches_full_batch_backward(micro):
+    from pipeline.losses import clip_loss
+
+    def loss_fn(f):
+        return clip_loss(f["image"], f["text"], f["logit_scale"], hard_negatives=f["text_neg"],
+                         hard_negative_alpha=0.5, hard_negative_beta=0.25)
+
+    batch = {**_batch(), "text_neg": torch.randint(1, 100, (10, 2, 8), generator=torch.Generator().manual_seed(2))}
+    reference = _model()
+    torch.manual_seed(42)
+    outs = [reference(c) for c in split_batch(batch, micro)]
+    feats = {k: torch.cat([o[k] for o in outs]) for k in ("image", "text", "text_neg")}
+    ref_loss = loss_fn({**feats, "logit_scale": outs[0]["logit_scale"]})
+    ref_loss.backward()
+
+    cached = _model()
+    torch.manual_seed(42)
+    loss = grad_cache_step(cached, loss_fn, lambda s: s.backward(), batch, micro)
+
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    ref, got = _grads(reference), _grads(cached)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-5, rtol=1e-5, msg=name)

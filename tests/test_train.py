@@ -1,4 +1,4 @@
-"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher), 10% corrupt shards, bf16, exact resume, kill -9 recovery."""
+"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher), 10% corrupt shards, hard negatives, bf16, exact resume, kill -9 recovery."""
 import io
 import json
 import os
@@ -121,6 +121,18 @@ def test_eval_every_n_steps_lands_in_metrics_and_tensorboard(demo_shards, tmp_pa
     tb.Reload()
     assert [e.step for e in tb.Scalars("fm/acc1")] == [3, 6]
     assert [e.step for e in tb.Scalars("loss")] == list(range(1, 7))
+
+
+def test_hard_negative_captions_train_end_to_end(demo_shards, tmp_path):
+    out = tmp_path / "negatives"
+    run(train_cmd(2, tiny_overrides(demo_shards, out, 8, **{
+        "data.hard_negatives": "{k: 2}", "loss.hard_negative_alpha": 0.5, "loss.hard_negative_beta": 0.5,
+        "train.micro_batch": 8})))
+    losses = [m["loss"] for m in metrics(out) if "loss" in m]
+    assert len(losses) == 8 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+    plain = tmp_path / "plain"  # same seed, data and init: the first loss differs only by the negatives
+    run(train_cmd(2, tiny_overrides(demo_shards, plain, 1, **{"train.micro_batch": 8})))
+    assert abs(metrics(plain)[0]["loss"] - losses[0]) > 1e-3
 
 
 def test_bf16_training_consolidates_fp32_weights(demo_shards, tmp_path):
