@@ -1,4 +1,4 @@
-"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher), 10% corrupt shards, hard negatives, bf16, exact resume, kill -9 recovery."""
+"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher), 10% corrupt shards, hard negatives, Symile with audio, bf16, exact resume, kill -9 recovery."""
 import io
 import json
 import os
@@ -32,7 +32,8 @@ def tiny_overrides(shards: Path, out: Path, steps: int, **extra) -> list[str]:
     return out_args
 
 
-def train_cmd(nproc: int, overrides: list[str], resume: bool = False, launcher: str = "torchrun") -> list[str]:
+def train_cmd(nproc: int, overrides: list[str], resume: bool = False, launcher: str = "torchrun",
+              config: str = "configs/demo.yaml") -> list[str]:
     port = str(29600 + os.getpid() % 300)
     if nproc == 1:
         prefix = [sys.executable, "-m", "pipeline"]
@@ -42,7 +43,7 @@ def train_cmd(nproc: int, overrides: list[str], resume: bool = False, launcher: 
     else:  # the deepspeed launcher: it passes --local_rank=N to the module, on CPU as on GPUs
         prefix = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port,
                   "--module", "pipeline"]
-    return prefix + ["train", str(ROOT / "configs/demo.yaml"), *overrides] + (["--resume", "latest"] if resume else [])
+    return prefix + ["train", str(ROOT / config), *overrides] + (["--resume", "latest"] if resume else [])
 
 
 def run(cmd, timeout=600):
@@ -133,6 +134,22 @@ def test_hard_negative_captions_train_end_to_end(demo_shards, tmp_path):
     plain = tmp_path / "plain"  # same seed, data and init: the first loss differs only by the negatives
     run(train_cmd(2, tiny_overrides(demo_shards, plain, 1, **{"train.micro_batch": 8})))
     assert abs(metrics(plain)[0]["loss"] - losses[0]) > 1e-3
+
+
+def test_symile_image_text_audio_trains_over_two_ranks_and_evaluates_jointly(demo_shards, tmp_path):
+    out = tmp_path / "symile"
+    sets = {"data.train": str(demo_shards / "symile/train/train-{000000..000005}.tar"),
+            "model.towers.audio.options": "{sample_rate: 16000, n_mels: 32}", "data.audio.seconds": 0.5,
+            "model.towers.image.options": "{image_size: 28, patch_size: 7, width: 32, layers: 1, head_width: 16}",
+            "train.micro_batch": 8,
+            "eval.tasks": f"[{{task: symile_classification, name: symile, "
+                          f"dataset: {demo_shards / 'symile/wds/fashion_mnist_symile'}}}]"}
+    run(train_cmd(2, tiny_overrides(demo_shards, out, 10, **sets), config="configs/demo_symile.yaml"))
+    rows = metrics(out)
+    losses = [m["loss"] for m in rows if "loss" in m]
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
+    final = rows[-1]
+    assert 0.0 <= final["symile/acc1"] <= 1.0 and final["symile/samples"] > 0, final
 
 
 def test_bf16_training_consolidates_fp32_weights(demo_shards, tmp_path):
