@@ -23,7 +23,7 @@ def tiny_overrides(shards: Path, out: Path, steps: int, **extra) -> list[str]:
         "model.towers.text.options": "{context_length: 16, width: 32, heads: 2, layers: 1}",
         "optim.total_steps": steps, "optim.warmup_steps": 0, "optim.lr": 5e-3,
         "train.log_every": 1, "train.checkpoint_every": 3, "train.keep_checkpoints": 5,
-        "eval.tasks": "[]",
+        "eval.tasks": "[]", "deepspeed.zero_stage": 1,  # the suite's default: ZeRO's own checkpoint path
         **extra,
     }
     out_args = []

@@ -30,8 +30,8 @@ main(sys.argv[2:])
 """
 
 
-def _env() -> dict:
-    return {**os.environ, "MMCLIP_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
+def _env(extra: dict | None = None) -> dict:
+    return {**os.environ, "MMCLIP_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 MEASURE = """
@@ -42,9 +42,10 @@ sys.exit(code)
 """
 
 
-def _run_measured(cmd: list[str], cwd: Path) -> tuple[int, str]:
+def _run_measured(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[int, str]:
     """Run a command; return (peak RSS of its largest process in MiB, or -1 if it failed; its output)."""
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=cwd, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=cwd, env=_env(env), capture_output=True,
+                          text=True)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         return -1, output
@@ -109,15 +110,25 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
         model_json.write_text(json.dumps(open_clip_model_config(cfg)))
         skip = max(2, steps // 5)
 
-        ours, theirs = [], []
-        for i in range(repeats):
-            ours.append(_throughput(ours_cmd(config, tmp / f"ours{i}", batch, steps, None, workers),
-                                    lambda log: _ours_rate(tmp / f"ours{i}", skip)))
-            theirs.append(_throughput(open_clip_cmd(cfg, model_json, tmp / f"oc{i}", batch, steps, workers),
-                                      lambda log: _open_clip_rate(log, skip)))
-        results["ours_samples_per_s"] = statistics.median(ours)
-        results["open_clip_samples_per_s"] = statistics.median(theirs)
-        results["ours_runs"], results["open_clip_runs"] = ours, theirs
+        # open_clip twice: as it runs by default, and with our thread plan set by hand (OMP_NUM_THREADS =
+        # cores - workers), so the table separates the trainer's own speed from its thread sizing.
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) - workers))}
+        variants = {
+            "ours": (lambda d: ours_cmd(config, d, batch, steps, None, workers), None,
+                     lambda d, log: _ours_rate(d, skip)),
+            "open_clip": (lambda d: open_clip_cmd(cfg, model_json, d, batch, steps, workers), None,
+                          lambda d, log: _open_clip_rate(log, skip)),
+            "open_clip_threads": (lambda d: open_clip_cmd(cfg, model_json, d, batch, steps, workers), threads,
+                                  lambda d, log: _open_clip_rate(log, skip)),
+        }
+        runs = {name: [] for name in variants}
+        for i in range(repeats):  # interleaved, so machine noise hits every variant alike
+            for name, (make_cmd, env, rate) in variants.items():
+                run_dir = tmp / f"{name}{i}"
+                runs[name].append(_throughput(make_cmd(run_dir), env, lambda log: rate(run_dir, log)))
+        for name, values in runs.items():
+            results[f"{name}_samples_per_s"], results[f"{name}_runs"] = statistics.median(values), values
+        results["open_clip_threads_env"] = threads
 
         results["ours_max_batch"], results["ours_rss"] = _largest_batch(
             lambda b, i: ours_cmd(config, tmp / f"ours_mem{i}", b, 2, micro_batch, 0), mem_cap_mib, max_batch)
@@ -127,8 +138,8 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
     return results
 
 
-def _throughput(cmd: list[str], rate) -> float:
-    rss, log = _run_measured(cmd, ROOT)
+def _throughput(cmd: list[str], env: dict | None, rate) -> float:
+    rss, log = _run_measured(cmd, ROOT, env)
     if rss < 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} failed:\n" + log[-2000:])
     return rate(log)
@@ -146,20 +157,25 @@ def _largest_batch(make_cmd, cap_mib: int, max_batch: int) -> tuple[int, dict]:
     return best, seen
 
 
+LABELS = {"ours": "mmclip", "open_clip": "open_clip_train", "open_clip_threads": "open_clip_train, our threads"}
+
+
 def write_report(r: dict, out: Path) -> None:
     (out / "train.json").write_text(json.dumps(r, indent=2))
+    runs = ", ".join(f"{LABELS[k]} {[round(x) for x in r[f'{k}_runs']]}" for k in LABELS)
+    env = " ".join(f"{k}={v}" for k, v in r["open_clip_threads_env"].items())
     lines = [
         f"Demo model (`{r['config']}`), {r['cpus']} CPU cores, fp32, global batch {r['batch']}, "
         f"{r['steps']} steps, {r['workers']} data worker(s); samples/s is the median of "
-        f"{len(r['ours_runs'])} interleaved runs each (mmclip {[round(x) for x in r['ours_runs']]}, "
-        f"open_clip {[round(x) for x in r['open_clip_runs']]}).",
+        f"{len(r['ours_runs'])} interleaved runs each ({runs}).",
         "",
-        "| trainer | samples/s | largest batch under "
-        f"{r['mem_cap_mib']} MiB RSS |",
+        f"| trainer | samples/s | largest batch under {r['mem_cap_mib']} MiB RSS |",
         "|---|---|---|",
         f"| mmclip (DeepSpeed, GradCache micro-batch {r['micro_batch']}, tiled loss) | "
         f"{r['ours_samples_per_s']:.0f} | {r['ours_max_batch']} |",
         f"| open_clip_train | {r['open_clip_samples_per_s']:.0f} | {r['open_clip_max_batch']} |",
+        f"| open_clip_train with `{env}` (mmclip's thread plan, by hand) | "
+        f"{r['open_clip_threads_samples_per_s']:.0f} | (same) |",
         "",
         "Peak RSS (MiB) by global batch: mmclip " + json.dumps(r["ours_rss"]) + "; open_clip "
         + json.dumps(r["open_clip_rss"]) + " (-1: the run failed).",
@@ -176,14 +192,15 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for x, (key, label) in enumerate((("ours", "mmclip"), ("open_clip", "open_clip_train"))):
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for x, (key, label) in enumerate(LABELS.items()):
         runs = r[f"{key}_runs"]
         speed.bar(x, r[f"{key}_samples_per_s"], color=f"C{x}", alpha=0.6)
         speed.plot([x] * len(runs), runs, "k.", ms=6)
-        pts = sorted((int(b), m) for b, m in r[f"{key}_rss"].items() if m > 0)
-        memory.plot([b for b, _ in pts], [m for _, m in pts], "o-", color=f"C{x}", label=label)
-    speed.set_xticks([0, 1], ["mmclip", "open_clip_train"])
+        if f"{key}_rss" in r:
+            pts = sorted((int(b), m) for b, m in r[f"{key}_rss"].items() if m > 0)
+            memory.plot([b for b, _ in pts], [m for _, m in pts], "o-", color=f"C{x}", label=label)
+    speed.set_xticks(range(len(LABELS)), [label.replace(", ", ",\n") for label in LABELS.values()])
     speed.set_ylabel(f"training samples/s (batch {r['batch']})")
     memory.axhline(r["mem_cap_mib"], color="k", ls="--", lw=1, label="memory cap")
     memory.set_xscale("log", base=2)
