@@ -48,21 +48,6 @@ def test_missing_sbatch_is_one_line(tmp_path, capsys, monkeypatch):
     assert err == "mmclip: error: sbatch not found on PATH; install the Slurm client tools or use --dry-run"
 
 
-def test_cpu_threads_leave_the_data_workers_their_cores():
-    import os
-
-    from pipeline.launch.env import cpu_threads_for_rank
-
-    cpus = len(os.sched_getaffinity(0))
-    assert cpu_threads_for_rank(1, {"OMP_NUM_THREADS": "1"}) is None  # torchrun / the user decided
-    if cpus == os.cpu_count():  # this process is not bound to a subset of CPUs
-        assert cpu_threads_for_rank(0, {}) == cpus
-        assert cpu_threads_for_rank(1, {}) == max(1, cpus - 1)
-        for launcher_var in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
-            assert cpu_threads_for_rank(0, {launcher_var: str(cpus)}) == 1  # one core per rank
-            assert cpu_threads_for_rank(4, {launcher_var: "2"}) == 1  # never below one
-
-
 def test_rank_discovery_from_launchers():
     srun = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
             "SLURM_JOB_ID": "123", "SLURM_JOB_NODELIST": "gpu[07-08]"}

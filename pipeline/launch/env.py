@@ -59,21 +59,3 @@ def export_torch_env(env: DistEnv) -> None:
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
 
-
-def cpu_threads_for_rank(data_workers: int, environ: Mapping[str, str] = os.environ) -> int | None:
-    """Intra-op threads for this rank: its share of the CPUs minus its data-loader workers.
-
-    torch's default (every core) makes the training threads and the loader workers fight over the
-    same cores; on a 2-core machine with one worker that costs ~15% of training throughput. An
-    explicit OMP_NUM_THREADS (torchrun sets 1 for several ranks) is left alone: returns None.
-    A rank bound to some CPUs (srun --cpus-per-task) owns them; an unbound one shares the node
-    with the other ranks on it.
-    """
-    if environ.get("OMP_NUM_THREADS"):
-        return None
-    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if mine == (os.cpu_count() or mine):  # not bound: split the node between its ranks
-        local = environ.get("LOCAL_WORLD_SIZE") or environ.get("LOCAL_SIZE") or environ.get("SLURM_NTASKS_PER_NODE")
-        local_ranks = int((local or "1").split("(")[0])  # torchrun, deepspeed launcher, srun
-        mine //= max(1, local_ranks)
-    return max(1, mine - data_workers)

@@ -2,7 +2,8 @@
 
 Two measurements, each run as fresh subprocesses so neither trainer warms the other's caches:
 1. throughput: steady-state training samples/s (first log windows dropped as warm-up), the median of
-   `repeats` runs of each trainer, interleaved so machine noise hits both alike;
+   `repeats` runs of each trainer, interleaved so machine noise hits both alike; each trainer both with
+   torch's default thread pool and with one that leaves the data workers their cores;
 2. the largest global batch that trains (a few steps) under a resident-memory cap, doubling B.
 open_clip gets the identical architecture: our towers are open_clip towers, so their configs
 are written as an open_clip model config and registered before its trainer starts.
@@ -110,17 +111,15 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
         model_json.write_text(json.dumps(open_clip_model_config(cfg)))
         skip = max(2, steps // 5)
 
-        # open_clip twice: as it runs by default, and with our thread plan set by hand (OMP_NUM_THREADS =
-        # cores - workers), so the table separates the trainer's own speed from its thread sizing.
+        # Each trainer twice: with torch's default threads (every core), and with OMP_NUM_THREADS = cores -
+        # workers, which leaves the loader its core. Which is faster depends on the workload, not the trainer.
         threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) - workers))}
-        variants = {
-            "ours": (lambda d: ours_cmd(config, d, batch, steps, None, workers), None,
-                     lambda d, log: _ours_rate(d, skip)),
-            "open_clip": (lambda d: open_clip_cmd(cfg, model_json, d, batch, steps, workers), None,
-                          lambda d, log: _open_clip_rate(log, skip)),
-            "open_clip_threads": (lambda d: open_clip_cmd(cfg, model_json, d, batch, steps, workers), threads,
-                                  lambda d, log: _open_clip_rate(log, skip)),
-        }
+        variants = {}
+        for suffix, env in (("", None), ("_threads", threads)):
+            variants["ours" + suffix] = (lambda d: ours_cmd(config, d, batch, steps, None, workers), env,
+                                         lambda d, log: _ours_rate(d, skip))
+            variants["open_clip" + suffix] = (lambda d: open_clip_cmd(cfg, model_json, d, batch, steps, workers),
+                                              env, lambda d, log: _open_clip_rate(log, skip))
         runs = {name: [] for name in variants}
         for i in range(repeats):  # interleaved, so machine noise hits every variant alike
             for name, (make_cmd, env, rate) in variants.items():
@@ -128,7 +127,7 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
                 runs[name].append(_throughput(make_cmd(run_dir), env, lambda log: rate(run_dir, log)))
         for name, values in runs.items():
             results[f"{name}_samples_per_s"], results[f"{name}_runs"] = statistics.median(values), values
-        results["open_clip_threads_env"] = threads
+        results["threads_env"] = threads
 
         results["ours_max_batch"], results["ours_rss"] = _largest_batch(
             lambda b, i: ours_cmd(config, tmp / f"ours_mem{i}", b, 2, micro_batch, 0), mem_cap_mib, max_batch)
@@ -157,25 +156,26 @@ def _largest_batch(make_cmd, cap_mib: int, max_batch: int) -> tuple[int, dict]:
     return best, seen
 
 
-LABELS = {"ours": "mmclip", "open_clip": "open_clip_train", "open_clip_threads": "open_clip_train, our threads"}
+LABELS = {"ours": "mmclip", "open_clip": "open_clip_train", "ours_threads": "mmclip, loader's core left",
+          "open_clip_threads": "open_clip_train, loader's core left"}
 
 
 def write_report(r: dict, out: Path) -> None:
     (out / "train.json").write_text(json.dumps(r, indent=2))
-    runs = ", ".join(f"{LABELS[k]} {[round(x) for x in r[f'{k}_runs']]}" for k in LABELS)
-    env = " ".join(f"{k}={v}" for k, v in r["open_clip_threads_env"].items())
+    runs = "; ".join(f"{LABELS[k]} {[round(x) for x in r[f'{k}_runs']]}" for k in LABELS)
+    env = " ".join(f"{k}={v}" for k, v in r["threads_env"].items())
     lines = [
         f"Demo model (`{r['config']}`), {r['cpus']} CPU cores, fp32, global batch {r['batch']}, "
         f"{r['steps']} steps, {r['workers']} data worker(s); samples/s is the median of "
         f"{len(r['ours_runs'])} interleaved runs each ({runs}).",
         "",
-        f"| trainer | samples/s | largest batch under {r['mem_cap_mib']} MiB RSS |",
-        "|---|---|---|",
+        f"| trainer | samples/s, torch's default threads | samples/s, `{env}` | "
+        f"largest batch under {r['mem_cap_mib']} MiB RSS |",
+        "|---|---|---|---|",
         f"| mmclip (DeepSpeed, GradCache micro-batch {r['micro_batch']}, tiled loss) | "
-        f"{r['ours_samples_per_s']:.0f} | {r['ours_max_batch']} |",
-        f"| open_clip_train | {r['open_clip_samples_per_s']:.0f} | {r['open_clip_max_batch']} |",
-        f"| open_clip_train with `{env}` (mmclip's thread plan, by hand) | "
-        f"{r['open_clip_threads_samples_per_s']:.0f} | (same) |",
+        f"{r['ours_samples_per_s']:.0f} | {r['ours_threads_samples_per_s']:.0f} | {r['ours_max_batch']} |",
+        f"| open_clip_train | {r['open_clip_samples_per_s']:.0f} | {r['open_clip_threads_samples_per_s']:.0f} | "
+        f"{r['open_clip_max_batch']} |",
         "",
         "Peak RSS (MiB) by global batch: mmclip " + json.dumps(r["ours_rss"]) + "; open_clip "
         + json.dumps(r["open_clip_rss"]) + " (-1: the run failed).",
@@ -192,15 +192,17 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for x, (key, label) in enumerate(LABELS.items()):
         runs = r[f"{key}_runs"]
-        speed.bar(x, r[f"{key}_samples_per_s"], color=f"C{x}", alpha=0.6)
+        speed.bar(x, r[f"{key}_samples_per_s"], color=f"C{x % 2}", alpha=0.6 if x < 2 else 0.35)
         speed.plot([x] * len(runs), runs, "k.", ms=6)
         if f"{key}_rss" in r:
             pts = sorted((int(b), m) for b, m in r[f"{key}_rss"].items() if m > 0)
-            memory.plot([b for b, _ in pts], [m for _, m in pts], "o-", color=f"C{x}", label=label)
-    speed.set_xticks(range(len(LABELS)), [label.replace(", ", ",\n") for label in LABELS.values()])
+            memory.plot([b for b, _ in pts], [m for _, m in pts], "o-", color=f"C{x % 2}", label=label)
+    threads = f"\n{r['threads_env']['OMP_NUM_THREADS']} thread(s)"
+    speed.set_xticks(range(len(LABELS)), [("mmclip" if k.startswith("ours") else "open_clip_train")
+                                          + (threads if k.endswith("_threads") else "") for k in LABELS])
     speed.set_ylabel(f"training samples/s (batch {r['batch']})")
     memory.axhline(r["mem_cap_mib"], color="k", ls="--", lw=1, label="memory cap")
     memory.set_xscale("log", base=2)

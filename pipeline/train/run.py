@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from pipeline.config import RunConfig, load_config, save_config
 from pipeline.errors import UserError
-from pipeline.launch.env import REQUEUE_EXIT_CODE, cpu_threads_for_rank, discover_env, export_torch_env
+from pipeline.launch.env import REQUEUE_EXIT_CODE, discover_env, export_torch_env
 from pipeline.train.batches import BatchStream
 from pipeline.train.checkpoint import find_resume_tag, load_checkpoint, save_checkpoint
 from pipeline.train.gradcache import grad_cache_step
@@ -106,9 +106,6 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
         save_config(cfg, out / "config.yaml")
     log = RunLog(cfg.output_dir, rank, world)
     set_seed(cfg.train.seed)  # accelerate's utility: python, numpy and torch (all devices) at once
-    threads = cpu_threads_for_rank(cfg.data.workers)
-    if threads is not None:
-        torch.set_num_threads(threads)
 
     model = build_model(cfg.model)
     group = dist.group.WORLD if world > 1 else None
