@@ -58,4 +58,3 @@ def discover_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
 def export_torch_env(env: DistEnv) -> None:
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-

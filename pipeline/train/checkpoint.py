@@ -23,6 +23,9 @@ from pipeline.models.io import WEIGHTS, save_model
 LATEST = "latest"
 
 
+TAG = re.compile(r"step_\d{8}")  # what tag_for writes; `.tmp` and `.old` siblings do not match
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -98,8 +101,7 @@ def _write_latest(root: Path, tag: str) -> None:
 
 def complete_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoints, oldest first (not `.tmp` saves in progress, not `.old` ones being replaced)."""
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d{8}", p.name)
-                  and (p / WEIGHTS).is_file())
+    return sorted(p for p in root.glob("step_*") if TAG.fullmatch(p.name) and (p / WEIGHTS).is_file())
 
 
 def _prune(root: Path, keep: int) -> None:

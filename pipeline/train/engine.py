@@ -3,8 +3,8 @@
 The optimizer (torch's fused AdamW, decoupled weight decay off for gains, biases, scales and
 embeddings) and the warmup+cosine schedule are client objects handed to DeepSpeed, so
 the same code runs on CPU (gloo) here and on GPUs (nccl) without DeepSpeed's compiled ops.
-The fused kernel updates every tensor in one call on CPU and CUDA alike; the per-tensor loop
-it replaces costs more than the rest of the step for a small model.
+The fused kernel updates every tensor in one call on CPU and CUDA alike, where the default
+per-tensor loop showed up as a large share of the step when profiling the demo model.
 """
 from __future__ import annotations
 
