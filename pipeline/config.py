@@ -55,6 +55,10 @@ class DataConfig(Section):
     text: TextData = TextData()
     audio: AudioData = AudioData()
     hard_negatives: Optional[HardNegatives] = None
+    max_empty_shards: int = Field(16, ge=1, description="stop the run after this many shard reads in a row "
+                                  "gave no sample (empty, unreadable or missing tars)")
+    max_skips_in_a_row: int = Field(1000, ge=1, description="stop the run after this many samples in a row "
+                                    "were skipped (every sample corrupt or lacking the configured modalities)")
 
 
 # ---------------------------------------------------------------------------- model
@@ -112,6 +116,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     max_bad_steps: int = Field(10, ge=1, description="abort after this many NaN/inf losses")
+    collective_timeout_s: int = Field(600, gt=0, description="a rank waiting this long in a collective (a dead "
+                                      "or stuck peer) fails the run; torch's default is 30 min")
 
 
 class DeepSpeedConfig(Section):
@@ -253,10 +259,15 @@ def parse_config(raw: Any, source: str) -> RunConfig:
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `--set` overrides, validate."""
     path = Path(path)
+    if path.is_dir():
+        hint = f" (this run's own is {path / 'config.yaml'})" if (path / "config.yaml").is_file() else ""
+        raise UserError(f"config {path} is a directory; give a YAML run config file such as configs/demo.yaml{hint}")
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} cannot be read ({exc}); give a YAML run config file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
