@@ -20,7 +20,7 @@ ENV = {**os.environ, "MMCLIP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 MMCLIP = [sys.executable, "-m", "pipeline"]
 
 
-def mmclip(args, timeout=180, **kw):
+def mmclip(args, timeout=600, **kw):
     return subprocess.run(args if args[0] == sys.executable else MMCLIP + args, cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=timeout, **kw)
 
@@ -54,7 +54,7 @@ def test_a_source_that_yields_nothing_stops_the_run_in_one_line(demo_shards, tmp
         sets = {"data.train": "hf://datasets/nobody/nothing/train-000000.tar"}
     start = time.time()
     proc = subprocess.run(train_cmd(1, tiny_overrides(demo_shards, tmp_path / "out", 5, **sets)), cwd=ROOT,
-                          env={**ENV, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=180)
+                          env={**ENV, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     line = one_line_error(proc)
     assert time.time() - start < 120
     if case == "empty_epoch_mode":
