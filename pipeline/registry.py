@@ -28,13 +28,14 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, what: str, builtins: str):
-        self.what, self.builtins = what, builtins
+    def __init__(self, what: str, builtins: str, instances: bool = False):
+        self.what, self.builtins, self.instances = what, builtins, instances
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, config: Optional[type] = None, **info) -> Callable:
+        """Decorator; with `instances`, the registered object is an instance of the decorated class."""
         def add(obj):
-            self._entries[name] = Entry(name, obj, config, info)
+            self._entries[name] = Entry(name, obj() if self.instances else obj, config, info)
             return obj
         return add
 
@@ -49,7 +50,7 @@ class Registry:
         """The entry for `name`; unknown names fail in one line naming the config key and what is allowed."""
         self._load()
         if name not in self._entries:
-            raise UserError(f"{key}: unknown {self.what} {name!r}; allowed: {', '.join(self.names())} "
+            raise UserError(f"{key}: unknown {self.what} {name!r}; allowed: {', '.join(map(repr, self.names()))} "
                             f"(or register one from a module listed in plugins:)")
         return self._entries[name]
 
@@ -60,7 +61,7 @@ class Registry:
 
 LOSSES = Registry("loss", "pipeline.losses")
 TOWERS = Registry("tower kind", "pipeline.models.towers")
-MODALITIES = Registry("modality", "pipeline.modalities")
+MODALITIES = Registry("modality", "pipeline.modalities", instances=True)
 
 
 def import_plugins(plugins: list[str], source: str) -> None:

@@ -17,10 +17,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
-from pipeline.data.decode import Skip, decode_sample
+from pipeline.data.decode import decode_sample
 from pipeline.data.sources import epoch_urls, expand_spec, resampled_urls, shard_sizes
-
-MODALITIES = ("image", "text", "audio")
+from pipeline.modalities.base import Skip
+from pipeline.registry import MODALITIES
 
 
 def _register_fsspec_schemes() -> None:
@@ -122,7 +122,8 @@ class ShardStream(IterableDataset):
         self.train, self.resampled = train, resampled
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_step, self.epoch, self.local_batch = start_step, epoch, local_batch
-        self.extensions = {m: getattr(cfg, m).extensions for m in modalities}
+        self.sections = {m: cfg.modality(m) for m in modalities}
+        self.kinds = {m: MODALITIES.get(m, "data").obj for m in modalities}
         self.sizes = shard_sizes([u for s in self.sources for u in s.urls])
         self.negatives = cfg.hard_negatives if train else None
 
@@ -181,8 +182,7 @@ class ShardStream(IterableDataset):
             yield {"skipped": dict(skipped), "shards": guard.shards_read}
 
     def _prepare(self, raw: dict, rng: random.Random) -> dict:
-        neg_ext = self.negatives.extension if self.negatives else None
-        sample = decode_sample(raw, self.extensions, self.cfg.text.json_key, neg_ext)
+        sample = decode_sample(raw, self.sections, self.negatives)
         present = [m for m in self.modalities if m in sample]
         if not present:
             raise Skip("no_modalities")
@@ -190,11 +190,8 @@ class ShardStream(IterableDataset):
             raise Skip("missing_" + next(m for m in self.modalities if m not in sample))
         out = {"key": sample["key"], "label": sample.get("label", -1)}
         for m in present:
-            value = sample[m]
-            if m == "text":  # several captions: a random one to train on, the first to evaluate
-                value = rng.choice(value) if self.train else value[0]
             try:
-                out[m] = self.preprocess[m](value)
+                out[m] = self.preprocess[m](self.kinds[m].select(sample[m], rng, self.train))
             except Exception as exc:  # a transform failing on one sample must not stop the stream
                 raise Skip(f"bad_{m}") from exc
         if self.negatives:
@@ -202,18 +199,21 @@ class ShardStream(IterableDataset):
             if not negs:
                 raise Skip("missing_negatives")
             negs = (negs * self.negatives.k)[: self.negatives.k]
-            out["text_neg"] = self.preprocess["text"](negs)
+            out[f"{self.negatives.modality}_neg"] = torch.stack([self.preprocess[self.negatives.modality](v)
+                                                                 for v in negs])
         return out
 
     def _collate(self, items: list[dict], skipped: Counter) -> dict:
         batch = {"key": [it["key"] for it in items], "label": torch.tensor([it["label"] for it in items]),
                  "mask": {}, "skipped": dict(skipped)}
         for m in self.modalities:
-            proto = torch.zeros(self.preprocess[m].shape, dtype=torch.long if m == "text" else torch.float32)
-            batch[m] = torch.stack([it.get(m, proto) for it in items])
+            pre = self.preprocess[m]
+            placeholder = torch.zeros(pre.shape, dtype=pre.dtype)
+            batch[m] = torch.stack([it.get(m, placeholder) for it in items])
             batch["mask"][m] = torch.tensor([m in it for it in items])
         if self.negatives:
-            batch["text_neg"] = torch.stack([it["text_neg"] for it in items])
+            key = f"{self.negatives.modality}_neg"
+            batch[key] = torch.stack([it[key] for it in items])
         return batch
 
 

@@ -84,7 +84,7 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
     from accelerate.utils import set_seed
 
     from pipeline.data.loader import build_loader
-    from pipeline.losses import ContrastiveLoss
+    from pipeline.losses import build_loss
     from pipeline.models import build_model
     from pipeline.models.preprocess import tower_preprocessors
     from pipeline.train.checkpoint import find_resume_tag, load_checkpoint
@@ -101,12 +101,9 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
         set_seed(cfg.train.seed)  # accelerate's utility: python, numpy and torch (all devices) at once
         model = build_model(cfg.model)
         group = dist.group.WORLD if world > 1 else None
-        loss_module = ContrastiveLoss(kind=cfg.loss.kind, chunk_size=cfg.loss.chunk_size,
-                                      hard_negative_alpha=cfg.loss.hard_negative_alpha,
-                                      hard_negative_beta=cfg.loss.hard_negative_beta,
-                                      symile_negatives=cfg.loss.symile_negatives, group=group, seed=cfg.train.seed)
+        loss_module = build_loss(cfg.loss, group=group, seed=cfg.train.seed)
         engine = Engine(model, cfg, world)
-        preprocess = tower_preprocessors(model, cfg.data.audio, train=True)
+        preprocess = tower_preprocessors(model, cfg.data, train=True)
 
         def make_loader(at_step: int, epoch: int):
             return build_loader(cfg.data, split="train", modalities=cfg.modalities, preprocess=preprocess, rank=rank,

@@ -98,10 +98,10 @@ class Trainer:
     def train_step(self, batch: dict) -> None:
         cfg, engine = self.cfg, self.engine
         self.skipped.update(batch.get("skipped", {}))
-        self.loss_module.reseed(self.step)  # Symile's negatives depend on the step only: same on every rank
         inputs = to_device(model_inputs(batch, self.modalities), engine.device, engine.dtype)
         micro = cfg.train.micro_batch or cfg.data.batch_size // self.world
-        loss = grad_cache_step(engine.encode, self._loss, engine.backward, inputs, micro,
+        loss = grad_cache_step(engine.encode, lambda features: self.loss_module(features, self.step), engine.backward,
+                               inputs, micro,
                                grad_scale=float(self.world), check_loss=lambda x: not any_rank(not torch.isfinite(x)))
         if math.isfinite(loss.item()):
             engine.step()
@@ -116,11 +116,6 @@ class Trainer:
         self.samples += cfg.data.batch_size
         self.window = (self.window[0], self.window[1] + cfg.data.batch_size)
         self.progress.update(1)
-
-    def _loss(self, features: dict) -> torch.Tensor:
-        negs = {m: features[f"{m}_neg"] for m in self.modalities if f"{m}_neg" in features}
-        feats = {m: features[m] for m in self.modalities}
-        return self.loss_module(feats, features["logit_scale"], features.get("logit_bias"), hard_negatives=negs or None)
 
     def maybe_log(self) -> None:
         if self.step % self.cfg.train.log_every and self.step != self.cfg.optim.total_steps:
