@@ -1,12 +1,16 @@
-# Two entry points: `make demo` (the main job on the embedded demo data) and `make test`.
-# Both create or update .venv first; nothing else needs to be installed by hand.
+# Entry points: `make demo` (the main job on the embedded demo data), `make test` (the whole suite, what CI
+# runs), `make test-fast` (unit tests only: no processes started, for the edit loop) and `make lint` (ruff).
+# Each creates or updates .venv first; nothing else needs to be installed by hand.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 DEMO   := runs/demo
+# The venv's tools come first for every recipe and the processes tests start: one ninja (DeepSpeed builds its
+# CPU op with whichever is on PATH, and two ninja versions rebuild it in turn), the venv's mmclip and deepspeed.
+export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test install demo-data lint clean
+.PHONY: demo test test-fast install demo-data lint clean
 
 install: $(STAMP)
 
@@ -33,6 +37,12 @@ demo: demo-data
 test: $(STAMP)
 	bash tests/install_system_deps.sh
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests
 
 clean:
 	rm -rf runs data/shards data/fashion_mnist/images

@@ -12,7 +12,6 @@ import sys
 from pipeline.errors import UserError
 from pipeline.launch.env import REQUEUE_EXIT_CODE
 
-
 # name, one-line help, description, "module:add_args", "module:run"
 COMMANDS = (
     ("shards", "write WebDataset shards from a manifest or a class-folder tree",

@@ -115,6 +115,8 @@ class ModelConfig(Section):
     towers: dict[str, TowerConfig]
     init_logit_scale: float = Field(2.6592, description="log of the initial multiplier (ln 1/0.07)")
     init_logit_bias: Optional[float] = Field(None, description="sigmoid loss bias init (SigLIP: -10)")
+    plugins: list[str] = Field(default_factory=list, description="set from the run's plugins:, so that a saved "
+                               "model's config can be loaded on its own")
 
     @model_validator(mode="after")
     def _registered_towers(self):
@@ -240,6 +242,8 @@ class RunConfig(Section):
     def _consistent(self):
         from pipeline.registry import LOSSES
 
+        if self.model.plugins != self.plugins:
+            self.model.plugins = list(self.plugins)
         if LOSSES.get(self.loss.kind, "loss.kind").info.get("needs_logit_bias") and self.model.init_logit_bias is None:
             raise ValueError(f"loss.kind {self.loss.kind!r} needs model.init_logit_bias (SigLIP uses -10)")
         weights = self.data.train_weights

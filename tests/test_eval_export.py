@@ -1,12 +1,10 @@
 """Zero-shot metrics, the open_clip export (same embeddings), and the judge: CLIP_benchmark on the export
 gives the same numbers as `mmclip eval` on our model."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch

@@ -41,6 +41,7 @@ def empty_tar(tmp_path) -> Path:
 
 
 # ------------------------------------------------------------------ data that yields nothing (rows 1-3, 10)
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["empty_resampled", "zero_bytes_no_workers", "empty_epoch_mode", "hf_offline"])
 def test_a_source_that_yields_nothing_stops_the_run_in_one_line(demo_shards, tmp_path, empty_tar, case):
     sets = {"data.train": str(empty_tar)}
@@ -107,6 +108,7 @@ def test_fifty_seeded_damaged_shards_each_end_with_the_damage_counted(demo_shard
     assert set(seen_kinds) == set(KINDS) and sum(seen_kinds.values()) == 50
 
 
+@pytest.mark.slow
 def test_damaged_shards_through_mmclip_train_finish_and_report_their_skips(demo_shards, tmp_path):
     folder = tmp_path / "shards"
     folder.mkdir()
@@ -143,6 +145,7 @@ def truncate(path: Path, size: int | None = None) -> None:
         f.truncate(size if size is not None else path.stat().st_size // 2)
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_named_and_resume_takes_the_newest_that_verifies(demo_shards, finished_run,
                                                                                     tmp_path):
     out = copy_run(finished_run, tmp_path / "run")
@@ -155,6 +158,7 @@ def test_a_truncated_checkpoint_is_named_and_resume_takes_the_newest_that_verifi
     assert [m["step"] for m in metrics(out)][-5:] == [4, 5, 6, 7, 8]
 
 
+@pytest.mark.slow
 def test_a_truncated_model_file_is_one_line_and_a_run_directory_falls_back(finished_run, demo_shards, tmp_path):
     out = copy_run(finished_run, tmp_path / "run")
     truncate(out / "checkpoints/step_00000006/model.safetensors")
@@ -171,6 +175,7 @@ def test_a_truncated_model_file_is_one_line_and_a_run_directory_falls_back(finis
     assert str(tmp_path / "st/model.safetensors") in line
 
 
+@pytest.mark.slow
 def test_rerunning_into_a_finished_run_refuses_unless_restart(finished_run, demo_shards, tmp_path):
     out = copy_run(finished_run, tmp_path / "run")
     line = one_line_error(mmclip(train_cmd(1, tiny_overrides(demo_shards, out, 2))))
@@ -181,6 +186,7 @@ def test_rerunning_into_a_finished_run_refuses_unless_restart(finished_run, demo
     assert [m["step"] for m in metrics(out)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_export_refuses_a_folder_of_other_files_and_replaces_its_own(finished_run, tmp_path):
     out = tmp_path / "export"
     out.mkdir()
@@ -199,6 +205,7 @@ def test_export_refuses_a_folder_of_other_files_and_replaces_its_own(finished_ru
 
 
 # ------------------------------------------------------------------- locks and signals (rows 2, 7, 11)
+@pytest.mark.slow
 def test_a_second_run_in_the_same_directory_refuses_and_sigint_stops_the_first_with_a_resume_line(
         demo_shards, tmp_path):
     out = tmp_path / "dup"
@@ -223,6 +230,7 @@ def test_a_second_run_in_the_same_directory_refuses_and_sigint_stops_the_first_w
     assert saved and int(saved[-1][5:]) >= step
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
     out = tmp_path / "waiting"
     sets = {"data.train": "pipe:sleep 600", "data.workers": 0}  # a shard that never arrives
@@ -261,6 +269,7 @@ def test_a_dead_runs_lock_is_taken_over(tmp_path):
 
 
 # ------------------------------------------------------------------------------- a failing rank (row 12)
+@pytest.mark.slow
 def test_a_failing_rank_stops_the_others_promptly_with_its_error(demo_shards, tmp_path, empty_tar):
     """Two ranks started as srun would (env only): rank 1's data is empty, rank 0 waits in a collective."""
     with socket.socket() as s:

@@ -16,9 +16,9 @@ TINY = {
 }
 
 
-def _model():
+def _model(**model_options):
     torch.manual_seed(0)
-    return build_model(ModelConfig(embed_dim=16, towers=TINY)).train()
+    return build_model(ModelConfig(embed_dim=16, towers=TINY, **model_options)).train()
 
 
 def _batch(n=10):
@@ -34,16 +34,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_gradcache_matches_full_batch(batch, micro, loss_fn):
-    reference = _model()
+def _assert_gradcache_matches_full_batch(batch, micro, loss_fn, **model_options):
+    reference = _model(**model_options)
     torch.manual_seed(42)
     # One graph over the whole batch; chunked forward so dropout draws the same random numbers.
     outs = [reference(c) for c in split_batch(batch, micro)]
-    feats = {k: torch.cat([o[k] for o in outs]) for k in outs[0] if k != "logit_scale"}
-    ref_loss = loss_fn({**feats, "logit_scale": outs[0]["logit_scale"]})
+    scalars = {k: outs[0][k] for k in ("logit_scale", "logit_bias") if k in outs[0]}
+    feats = {k: torch.cat([o[k] for o in outs]) for k in outs[0] if k not in scalars}
+    ref_loss = loss_fn({**feats, **scalars})
     ref_loss.backward()
 
-    cached = _model()
+    cached = _model(**model_options)
     torch.manual_seed(42)
     loss = grad_cache_step(cached, loss_fn, lambda s: s.backward(), batch, micro)
 

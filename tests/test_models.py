@@ -100,6 +100,71 @@ def test_presence_mask_uses_missing_embedding_and_save_load_round_trip(tmp_path)
         torch.testing.assert_close(again[key], out[key])
 
 
+# ------------------------------------------------------------------ the contract of every tower kind
+def _hf_text_folder(root):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "dog", "cat"]
+    (root / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(root)
+    return str(root)
+
+
+IMAGE = {"kind": "open_clip_vision", "options": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
+                                                 "head_width": 16}}
+# kind -> a tiny config of it (a function of a scratch folder, for kinds that read a local model)
+TINY_TOWERS = {
+    "open_clip_vision": lambda tmp: IMAGE,
+    "timm": lambda tmp: {"kind": "timm", "name": "resnet10t", "options": {"image_size": 32}},
+    "open_clip_text": lambda tmp: TEXT,
+    "hf_text": lambda tmp: {"kind": "hf_text", "name": _hf_text_folder(tmp), "options": {"context_length": 8}},
+    "timm_audio": lambda tmp: {"kind": "timm_audio", "name": "resnet10t",
+                               "options": {"sample_rate": 16000, "n_mels": 32}},
+    "hf_audio": lambda tmp: {"kind": "hf_audio", "options": {
+        "sample_rate": 16000, "model_type": "audio-spectrogram-transformer", "hidden_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64, "num_mel_bins": 32,
+        "max_length": 64, "n_mels": 32}},
+}
+
+
+def test_every_registered_tower_kind_has_a_tiny_config():
+    from pipeline.registry import TOWERS
+
+    assert set(TOWERS.names()) <= set(TINY_TOWERS), "add the new tower kind's tiny config to TINY_TOWERS"
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_TOWERS))
+def test_tower_contract_shape_missing_embedding_round_trip_and_export(kind, tmp_path):
+    from pipeline.export.open_clip import export_open_clip
+    from pipeline.models.preprocess import tower_preprocessors
+    from pipeline.registry import TOWERS
+
+    modality = TOWERS.get(kind, "").info["modality"]
+    partner = ("text", TEXT) if modality != "text" else ("image", IMAGE)
+    cfg = ModelConfig(embed_dim=D, towers={modality: TINY_TOWERS[kind](tmp_path), partner[0]: partner[1]})
+    model = build_model(cfg).eval()
+    batch = {}
+    for m, pre in tower_preprocessors(model, None, train=False).items():
+        batch[m] = torch.randint(1, 10, (3, *pre.shape)) if pre.dtype == torch.long else torch.randn(3, *pre.shape)
+    batch["mask"] = {modality: torch.tensor([True, False, True])}
+    with torch.no_grad():
+        out = model(batch)
+    assert out[modality].shape == (3, D) and torch.isfinite(out[modality]).all()
+    torch.testing.assert_close(out[modality][1], torch.nn.functional.normalize(model.missing[modality], dim=0))
+
+    save_model(model.state_dict(), cfg, tmp_path / "saved")
+    loaded, _ = load_model(tmp_path / "saved")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)[modality], out[modality])
+    if modality in ("image", "text"):  # open_clip expresses these kinds: the export must succeed
+        assert (export_open_clip(model, cfg, tmp_path / "export") / "open_clip_model.safetensors").is_file()
+    else:
+        with pytest.raises(UserError, match="open_clip export needs"):
+            export_open_clip(model, cfg, tmp_path / "export")
+
+
 # ----------------------------------------------------------------------------- pretrained weights
 def _save(tensors: dict, path):
     from safetensors.torch import save_file

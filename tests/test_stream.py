@@ -13,10 +13,10 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import build_loader
+from pipeline.errors import UserError
 from pipeline.modalities.audio import AudioClip
 from pipeline.modalities.image import ImageTransform
 from pipeline.modalities.text import TextTokenizer
-from pipeline.errors import UserError
 
 
 def png(value: int) -> bytes:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from pipeline.losses import clip_loss, siglip_loss, symile_loss
 
+pytestmark = pytest.mark.slow  # starts training processes
+
 B, D, K = 12, 6, 2
 
 

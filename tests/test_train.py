@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # starts training processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,6 +16,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.batch import Batch
 from pipeline.config import DataConfig
 from pipeline.data.decode import decode_sample
 from pipeline.data.sources import epoch_urls, expand_spec, resampled_urls, shard_sizes
@@ -203,7 +204,7 @@ class ShardStream(IterableDataset):
                                                                  for v in negs])
         return out
 
-    def _collate(self, items: list[dict], skipped: Counter) -> dict:
+    def _collate(self, items: list[dict], skipped: Counter) -> Batch:
         batch = {"key": [it["key"] for it in items], "label": torch.tensor([it["label"] for it in items]),
                  "mask": {}, "skipped": dict(skipped)}
         for m in self.modalities:

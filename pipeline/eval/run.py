@@ -9,8 +9,13 @@ import torch.nn.functional as F
 
 from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
-from pipeline.eval.zeroshot import (SIMPLE_TEMPLATES, class_embeddings, classification_metrics, openai_templates,
-                                    retrieval_metrics)
+from pipeline.eval.zeroshot import (
+    SIMPLE_TEMPLATES,
+    class_embeddings,
+    classification_metrics,
+    openai_templates,
+    retrieval_metrics,
+)
 
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "symile_classification")
 

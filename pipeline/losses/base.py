@@ -7,9 +7,10 @@ calls it once per step on the features of the whole local batch. What every loss
 Inputs: `forward(features, step)`. `features` (pipeline.batch.Features) holds, per modality, this
 rank's rows as L2-normalised `[n, D]` embeddings; `"<modality>_neg"`: `[n, K, D]` hard negatives of
 that modality for the other modalities' anchors; `"logit_scale"` (already exponentiated) and
-`"logit_bias"` (when the model has one); `"index"`: `[n]` global sample indices when the data
-provides them. `step` is the same on every rank: seed any per-step randomness from it (`self.seed`
-and `step`), so all ranks draw the same and a resumed run draws what it would have.
+`"logit_bias"` (when the model has one). `step` is the same on every rank: seed any per-step
+randomness from it (`self.seed` and `step`), so all ranks draw the same and a resumed run draws
+what it would have. (Per-sample global indices, for losses that keep per-sample state, are the
+next key this contract will carry.)
 
 Output: a scalar, the GLOBAL loss over every rank's rows, identical on every rank. Its autograd
 gradient is only THIS rank's SHARE of the global gradient: summed over ranks, the shares equal the
@@ -30,6 +31,7 @@ from itertools import combinations
 import torch
 from torch import nn
 
+from pipeline.batch import Features, modalities_of
 from pipeline.config import LossSection
 
 
@@ -38,23 +40,18 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.cfg, self.group, self.seed = cfg, group, seed
 
-    def forward(self, features: dict, step: int = 0) -> torch.Tensor:
+    def forward(self, features: Features, step: int = 0) -> torch.Tensor:
         raise NotImplementedError
-
-
-def modalities_of(features: dict) -> list[str]:
-    """The modality embeddings in `features` (not negatives, scalars or indices), sorted."""
-    return sorted(k for k in features if not k.endswith("_neg") and k not in ("logit_scale", "logit_bias", "index"))
 
 
 class PairwiseLoss(ContrastiveLoss):
     """A two-modality loss averaged over every pair of modalities. Hard negatives `<m>_neg` are extra
     candidates for the anchors of the pair's other modality."""
 
-    def pair_loss(self, a: torch.Tensor, b: torch.Tensor, negatives, features: dict) -> torch.Tensor:
+    def pair_loss(self, a: torch.Tensor, b: torch.Tensor, negatives, features: Features) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, features: dict, step: int = 0) -> torch.Tensor:
+    def forward(self, features: Features, step: int = 0) -> torch.Tensor:
         losses = []
         for x, y in combinations(modalities_of(features), 2):
             if f"{x}_neg" in features and f"{y}_neg" not in features:

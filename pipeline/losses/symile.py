@@ -5,8 +5,9 @@ from typing import Literal, Sequence
 
 import torch
 
+from pipeline.batch import Features, modalities_of
 from pipeline.config import LossSection
-from pipeline.losses.base import ContrastiveLoss, modalities_of
+from pipeline.losses.base import ContrastiveLoss
 from pipeline.losses.distributed import gather_with_grad, global_sum
 from pipeline.losses.tiled import DEFAULT_CHUNK, LogDenominators, TupleLogDenominators
 from pipeline.registry import LOSSES
@@ -59,7 +60,7 @@ class SymileLoss(ContrastiveLoss):
     """All modalities jointly. The row permutations of `negatives: n` come from a generator seeded by
     (seed, step): the same on every rank and after a resume."""
 
-    def forward(self, features: dict, step: int = 0) -> torch.Tensor:
+    def forward(self, features: Features, step: int = 0) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return symile_loss([features[m] for m in modalities_of(features)], features["logit_scale"],
                            negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size, generator=generator,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.batch import Batch, Features
 from pipeline.config import ModelConfig
 from pipeline.models.towers import Tower, build_tower
 
@@ -49,8 +50,8 @@ class MultiModalCLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.encode("text", tokens, normalize)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Normalised features per modality for a batch dict (see pipeline.data.loader).
+    def forward(self, batch: Batch) -> Features:
+        """Normalised features per modality for a batch (pipeline.batch).
 
         Also returns `logit_scale` (exponentiated) and `logit_bias` as fresh tensors: under ZeRO-3 the
         parameters themselves are only materialised inside forward, so the loss must get them from here.

@@ -16,6 +16,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.integrity import MANIFEST, newest_verified, verify
 from pipeline.models.clip import MultiModalCLIP, build_model
+from pipeline.registry import import_plugins
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.yaml"
@@ -74,7 +75,11 @@ def load_model(path: str | Path) -> tuple[MultiModalCLIP, ModelConfig]:
     """Rebuild the model from its saved config and load the weights strictly (safetensors: no pickle)."""
     folder = resolve_weights_dir(path)
     try:
-        model_cfg = ModelConfig.model_validate(yaml.safe_load((folder / MODEL_CONFIG).read_text()))
+        raw = yaml.safe_load((folder / MODEL_CONFIG).read_text())
+        import_plugins(raw.get("plugins") or [], str(folder / MODEL_CONFIG))
+        model_cfg = ModelConfig.model_validate(raw)
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"{folder / MODEL_CONFIG}: not a valid model config ({exc})") from None
     model = build_model(model_cfg)

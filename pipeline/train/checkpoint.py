@@ -1,7 +1,7 @@
 """Checkpoints: atomic, every N steps and at the end, last k kept, resumable bit for bit.
 
-Layout under `output_dir/checkpoints/`: `step_00000100/` (DeepSpeed's files, one RNG file per
-rank, a consolidated `model.safetensors` + `model_config.yaml`, and `manifest.json` with every
+Layout under `output_dir/checkpoints/`: `step_00000100/` (DeepSpeed's files, one `rank{R}_state.pt`
+per rank with its RNG state and its share of the loss's state, a consolidated `model.safetensors` + `model_config.yaml`, and `manifest.json` with every
 file's size and CRC32), and `latest` naming the newest one. A checkpoint is written under
 `step_X.tmp` and renamed when every rank is done, so a kill at any moment leaves the previous
 checkpoint intact. Each rank hashes the files it wrote right after writing them; rank 0 merges
@@ -36,8 +36,12 @@ def checkpoint_root(cfg: RunConfig) -> Path:
 
 
 def _own_files(folder: Path, rank: int) -> list[str]:
-    """The files this rank wrote: DeepSpeed names per-rank partitions `*pp_rank_R_*`; RNG files are ours."""
-    return [p.name for p in folder.iterdir() if fnmatch(p.name, f"*pp_rank_{rank}_*") or p.name == f"rng_rank{rank}.pt"]
+    """The files this rank wrote: DeepSpeed names per-rank partitions `*pp_rank_R_*`; the rank state is ours."""
+    return [p.name for p in folder.iterdir() if fnmatch(p.name, f"*pp_rank_{rank}_*") or p.name == _rank_file(rank)]
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank}_state.pt"
 
 
 def _gather_records(records: dict) -> dict:
@@ -48,7 +52,8 @@ def _gather_records(records: dict) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank: int) -> Path:
+def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank: int, loss_state: dict) -> Path:
+    """`client_state` is the run's (saved once); `loss_state` this rank's share of the loss's state."""
     root = checkpoint_root(cfg)
     tag = tag_for(step)
     tmp_tag = tag + ".tmp"
@@ -57,7 +62,7 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank:
     barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
     folder = root / tmp_tag
-    torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    torch.save({"rng": _rng_state(), "loss": loss_state}, folder / _rank_file(rank))
     barrier()  # every rank's files are written (a rank may hash only once its own writes are done)
     records = _gather_records(hash_files(folder, _own_files(folder, rank)))
     state = consolidated_state_dict(engine, root, tmp_tag, cfg.deepspeed.zero_stage)
@@ -97,13 +102,15 @@ def _rng_state() -> dict:
     return state
 
 
-def restore_rng(path: Path) -> None:
+def restore_rank_state(path: Path) -> dict:
+    """Restore this rank's RNG; return its loss state ({} if the checkpoint had fewer ranks: streams restart)."""
     if not path.is_file():
-        return  # checkpoints written with a different world size: RNG streams restart
+        return {}
     state = torch.load(path, weights_only=True)
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return state["loss"]
 
 
 def _write_latest(root: Path, tag: str) -> None:
@@ -145,10 +152,10 @@ def find_resume_tag(cfg: RunConfig, resume: Optional[str]) -> Optional[str]:
     return decide_on_rank0(decide)
 
 
-def load_checkpoint(engine, cfg: RunConfig, tag: str, rank: int) -> dict:
+def load_checkpoint(engine, cfg: RunConfig, tag: str, rank: int) -> tuple[dict, dict]:
+    """-> (the run's client state, this rank's loss state)."""
     root = checkpoint_root(cfg)
     load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise UserError(f"checkpoint {root / tag} could not be loaded; remove it or pass --resume with another one")
-    restore_rng(root / tag / f"rng_rank{rank}.pt")
-    return client_state
+    return client_state, restore_rank_state(root / tag / _rank_file(rank))

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-SCALARS = ("logit_scale", "logit_bias")
+from pipeline.batch import SCALARS, Batch, Features
 
 
 class RngState:
@@ -51,10 +51,10 @@ def _slice(value, sl: slice):
 
 
 def grad_cache_step(
-    encode: Callable[[dict], dict],
-    loss_fn: Callable[[dict], torch.Tensor],
+    encode: Callable[[Batch], Features],
+    loss_fn: Callable[[Features], torch.Tensor],
     backward: Callable[[torch.Tensor], object],
-    batch: dict,
+    batch: Batch,
     micro_batch: int,
     grad_scale: float = 1.0,
     check_loss: Callable[[torch.Tensor], bool] = lambda loss: True,

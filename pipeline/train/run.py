@@ -112,7 +112,10 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
         trainer = Trainer(cfg, engine, loss_module, make_loader, rank, world, log)
         tag = find_resume_tag(cfg, resume)
         if tag is not None:
-            trainer.load_state_dict(load_checkpoint(engine.ds, cfg, tag, rank))
+            run_state, loss_state = load_checkpoint(engine.ds, cfg, tag, rank)
+            trainer.load_state_dict(run_state)
+            if loss_state:
+                loss_module.load_state_dict(loss_state)
             log.event("resume", trainer.step, checkpoint=tag)
         log.event("start", trainer.step)
         code = trainer.fit()

@@ -150,7 +150,8 @@ class Trainer:
         return stop
 
     def checkpoint(self) -> None:
-        path = save_checkpoint(self.engine.ds, self.cfg, self.step, self.state_dict(), self.rank)
+        path = save_checkpoint(self.engine.ds, self.cfg, self.step, self.state_dict(), self.rank,
+                               self.loss_module.state_dict())
         self.saved_step = self.step
         self.log.event("checkpoint", self.step, path=str(path))
 
