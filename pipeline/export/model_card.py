@@ -1,0 +1,82 @@
+"""README.md of a transformers export: what the model is, how to load it, what differs, how it scored."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+TOKENIZER_NOTE = (
+    "The tokenizer is open_clip's BPE vocabulary (vocab.json + merges.txt, padding id 0, truncation to the context "
+    "length with the end token kept). transformers normalises text with NFC, whitespace folding and lower-casing; "
+    "open_clip additionally runs `ftfy.fix_text` and HTML unescaping (`&amp;` -> `&`) and treats the literal "
+    "strings `<start_of_text>` / `<end_of_text>` as its special tokens. Token ids are equal on every text those "
+    "steps leave unchanged; for other text, clean it with ftfy + `html.unescape` first to get the training ids.")
+
+
+def run_dir_of(source: str | Path | None) -> Path | None:
+    """The run directory above a run / checkpoint path (the one holding the run's config.yaml), if any."""
+    if source is None:
+        return None
+    p = Path(source).resolve()
+    return next((d for d in [p, *p.parents][:4] if (d / "config.yaml").is_file()), None)
+
+
+def eval_results(run_dir: Path | None) -> dict[str, dict]:
+    """Latest in-training eval values (metrics.jsonl `name/metric`) and `mmclip eval --output` JSONs in the run dir."""
+    if run_dir is None:
+        return {}
+    results: dict[str, dict] = {}
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            for key, value in record.items():
+                if "/" in key and not key.startswith(("train/", "lr", "loss")):
+                    name, metric = key.split("/", 1)
+                    results.setdefault(f"{name} (step {record['step']})", {})[metric] = value
+        latest = {}
+        for label, values in results.items():  # keep each eval set's last step only
+            latest[label.rsplit(" (step", 1)[0]] = (label, values)
+        results = dict(latest.values())
+    for path in sorted(run_dir.glob("**/*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and {"task", "dataset", "metrics"} <= set(record):
+            results[f"{record['task']} on {Path(record['dataset']).name} ({path.relative_to(run_dir)})"] = record["metrics"]
+    return results
+
+
+def write_model_card(out: Path, model, model_cfg, target: str, source=None) -> Path:
+    run_dir = run_dir_of(source)
+    loss = None
+    if run_dir is not None:
+        loss = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("loss", {}).get("kind")
+    lines = [f"# {out.name}", "", f"Exported by mmclip from `{source}` as a transformers `{target}`.", "",
+             "```python", f"from transformers import {target}, AutoProcessor",
+             f"model = {target}.from_pretrained(PATH)",
+             "processor = AutoProcessor.from_pretrained(PATH, backend=\"pil\")  # the PIL backend matches training",
+             "inputs = processor(text=texts, images=images, padding=\"max_length\", truncation=True, return_tensors=\"pt\")",
+             "```", "", "## Config", "", f"- embed_dim: {model_cfg.embed_dim}",
+             f"- logit_scale (log): {model.logit_scale.item():.6f}"]
+    if loss:
+        lines.append(f"- loss: {loss}")
+    if model.logit_bias is not None:
+        lines.append(f"- logit_bias: {model.logit_bias.item():.6f} (sigmoid loss; in config.json as `logit_bias`; "
+                     f"pair probability = sigmoid(logit_scale.exp() * cosine + logit_bias))")
+    for modality, tower in model_cfg.towers.items():
+        lines.append(f"- {modality}: {tower.kind}{' ' + tower.name if tower.name else ''} {tower.options}")
+    lines += ["", "## Tokenizer", "", TOKENIZER_NOTE, "", "## Evaluation", ""]
+    results = eval_results(run_dir)
+    if not results:
+        lines.append("No eval results were found in the run directory.")
+    for label, values in results.items():
+        lines += [f"### {label}", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()
+                  if isinstance(v, (int, float))]
+        lines.append("")
+    path = out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
