@@ -113,7 +113,9 @@ def write_clip_tokenizer(folder: Path, context_length: int):
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer.from_pretrained(str(folder), pad_token=PAD, model_max_length=context_length)
+    tokenizer = CLIPTokenizer.from_pretrained(str(folder), pad_token=PAD, model_max_length=context_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def _logit_config(model) -> dict:
