@@ -248,34 +248,41 @@ def test_hf_text_tower_exports_as_dual_encoder_only_with_pooler_and_linear_proje
 
 
 AUDIO_SIDE = r"""
-import json, sys
+import importlib, json, sys
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel
 folder, inputs, out = sys.argv[1:4]
-backbone = AutoModel.from_pretrained(folder).eval()
-proj = load_file(folder + "/projection.safetensors")["weight"]
 frontend = json.load(open(folder + "/frontend.json"))
+module, cls = frontend["load"].removesuffix(".from_pretrained(this folder)").rsplit(".", 1)
+backbone = getattr(importlib.import_module(module), cls).from_pretrained(folder).eval()
+proj = load_file(folder + "/projection.safetensors")["weight"]
 mel = load_file(inputs)["mel"]  # [B, n_mels, frames], computed as frontend.json says
-x = mel.transpose(1, 2) if frontend["layout"] == "frames" else mel
+x = mel.transpose(1, 2) if frontend["layout"].startswith("[B, frames") else mel
 with torch.no_grad():
-    save_file({"audio": (backbone(x).pooler_output @ proj.T).contiguous()}, out)
+    result = backbone(x)
+    pooled = result.pooler_output if getattr(result, "pooler_output", None) is not None \
+        else result.last_hidden_state.mean(1)
+    save_file({"audio": (pooled @ proj.T).contiguous()}, out)
 assert not any(m == "pipeline" or m.startswith("pipeline.") for m in sys.modules)
 """
 
 
-def test_audio_towers_go_beside_the_model_and_are_announced(tmp_path):
-    ast = {"kind": "hf_audio", "options": {"model_type": "audio-spectrogram-transformer", "hidden_size": 32,
-                                           "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                                           "num_mel_bins": 16, "max_length": 64, "n_mels": 16}}
-    cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT, "audio": ast})
+@pytest.mark.parametrize("options, frames", [
+    ({"model_type": "audio-spectrogram-transformer", "hidden_size": 32, "num_hidden_layers": 1,
+      "num_attention_heads": 2, "intermediate_size": 64, "num_mel_bins": 16, "max_length": 64, "n_mels": 16}, 64),
+    ({"model_type": "whisper", "d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
+      "encoder_ffn_dim": 64, "max_source_positions": 32, "n_mels": 16}, 64),
+], ids=["ast", "whisper"])
+def test_audio_towers_go_beside_the_model_and_are_announced(tmp_path, options, frames):
+    cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT, "audio": {"kind": "hf_audio",
+                                                                                  "options": options}})
     model = _perturbed(cfg)
     said = []
     out = export_hf(model, cfg, tmp_path / "hf", announce=said.append)
-    assert any("audio-spectrogram-transformer" in s and str(out / "audio") in s for s in said)
-    wave = torch.randn(2, 16000)
+    assert any(options["model_type"] in s and str(out / "audio") in s for s in said)
+    wave = torch.randn(2, 16000)  # 1 s: 101 frames, cut to the model's `frames`
     with torch.no_grad():
-        mel = model.towers["audio"].encoder.frontend(wave)[..., :64]
+        mel = model.towers["audio"].encoder.frontend(wave)[..., :frames]
         ours = model.encode_audio(wave, normalize=False)
     save_file({"mel": mel.contiguous()}, str(tmp_path / "mel.safetensors"))
     proc = subprocess.run([sys.executable, "-c", AUDIO_SIDE, str(out / "audio"), str(tmp_path / "mel.safetensors"),
@@ -284,6 +291,8 @@ def test_audio_towers_go_beside_the_model_and_are_announced(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (load_file(str(tmp_path / "a.safetensors"))["audio"] - ours).abs().max() <= 1e-4
 
+
+def test_timm_audio_tower_goes_beside_in_the_open_clip_export_layout(tmp_path):
     timm_audio = {"kind": "timm_audio", "name": "resnet10t", "options": {"n_mels": 16}}
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT, "audio": timm_audio})
     said = []

@@ -105,11 +105,12 @@ def _hf_image_preprocess(folder: Path) -> ImagePreprocess:
 
     proc = AutoImageProcessor.from_pretrained(str(folder), backend="pil")
     size = proc.size.get("shortest_edge") or proc.size.get("height")
-    if proc.do_center_crop and proc.crop_size.get("height") != size:
+    crop = getattr(proc, "do_center_crop", False)  # SigLIP processors squash to the size, no crop
+    if crop and proc.crop_size.get("height") != size:
         raise UserError(f"{folder}: resize to {size} then crop to {proc.crop_size} is not an open_clip eval transform")
     return ImagePreprocess(size, tuple(proc.image_mean), tuple(proc.image_std),
                            INTERPOLATION.get(int(proc.resample), "bicubic"),
-                           "shortest" if proc.do_center_crop else "squash")
+                           "shortest" if crop else "squash")
 
 
 def load_transformers_dir(folder: Path) -> MultiModalCLIP:

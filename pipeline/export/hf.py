@@ -25,9 +25,9 @@ BOS, EOS, PAD = "<|startoftext|>", "<|endoftext|>", "!"  # "!" is id 0, open_cli
 # final LayerNorm before or after pooling is the same per-token op). Any other non-default option is refused.
 EXPRESSIBLE = {
     "image": {"layers", "width", "head_width", "mlp_ratio", "patch_size", "image_size", "patch_dropout",
-              "output_tokens", "final_ln_after_pool", "block_type", "timm_model_pretrained"},
+              "output_tokens", "final_ln_after_pool"},
     "text": {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "output_tokens",
-             "final_ln_after_pool", "pad_id", "eos_id", "block_type"},
+             "final_ln_after_pool", "pad_id", "eos_id"},
 }
 RESAMPLE = {"bicubic": 3, "bilinear": 2, "nearest": 0}  # PIL.Image.Resampling values
 
@@ -48,7 +48,7 @@ def _check_vision(tower, target: str) -> None:
     from open_clip.model import CLIPVisionCfg
 
     if tower.kind != "open_clip_vision":
-        raise _refuse(f"model.towers.image.kind", tower.kind, target)
+        raise _refuse("model.towers.image.kind", tower.kind, target)
     _check_options("image", tower, CLIPVisionCfg, target)
     cfg = tower.export_cfg
     if not isinstance(cfg.get("layers", 12), int):
@@ -56,8 +56,6 @@ def _check_vision(tower, target: str) -> None:
     size = cfg.get("image_size", 224)
     if not isinstance(size, int) and len(set(size)) > 1:
         raise _refuse("model.towers.image.options.image_size", size, target)
-    if cfg.get("block_type") not in (None, "default"):
-        raise _refuse("model.towers.image.options.block_type", cfg["block_type"], target)
     if tower.preprocess.resize_mode == "longest":
         raise _refuse("model.towers.image.options.resize_mode", "longest", "CLIPImageProcessor")
 
@@ -69,8 +67,6 @@ def _check_text(tower, target: str) -> None:
     cfg = tower.export_cfg
     if cfg.get("vocab_size", 49408) != 49408:  # the exported tokenizer is open_clip's 49408-token BPE
         raise _refuse("model.towers.text.options.vocab_size", cfg["vocab_size"], target)
-    if cfg.get("pool_type", "argmax") not in ("argmax",) and not (cfg["pool_type"] == "eos" and cfg.get("eos_id") == 49407):
-        raise _refuse("model.towers.text.options.pool_type", cfg["pool_type"], target)
 
 
 def _vision_config(tower, embed_dim: int) -> dict:
@@ -172,14 +168,22 @@ def _write_audio(model, model_cfg, out: Path, announce) -> None:
     encoder, folder = tower.encoder, out / AUDIO
     encoder.backbone.save_pretrained(folder)
     save_file({"weight": encoder.proj.weight.detach().float().contiguous()}, str(folder / "projection.safetensors"))
-    frontend = encoder.frontend
+    frontend, options = encoder.frontend, model_cfg.towers[AUDIO].options
+    # AutoModel maps a whisper config to the encoder-decoder WhisperModel; the tower is its encoder alone
+    cls = type(encoder.backbone)
+    loader = "transformers.AutoModel" if cls.__name__.endswith("Model") else f"{cls.__module__}.{cls.__name__}"
     (folder / "frontend.json").write_text(json.dumps({
+        "load": f"{loader}.from_pretrained(this folder)",
         "sample_rate": tower.preprocess.sample_rate, "n_fft": frontend.n_fft, "hop_length": frontend.hop_length,
-        "n_mels": frontend.n_mels, "f_min": model_cfg.towers[AUDIO].options.get("f_min", 50.0),
-        "f_max": model_cfg.towers[AUDIO].options.get("f_max"), "layout": encoder.layout, "frames": encoder.frames,
-        "log_mel": "log(clamp(slaney mel filterbank @ |stft(hann, center=True)|^2, 1e-10))"}, indent=2))
+        "n_mels": frontend.n_mels, "f_min": options.get("f_min", 50.0), "f_max": options.get("f_max"),
+        "log_mel": "log(clamp(slaney mel filterbank @ |stft(hann, center=True)|^2, 1e-10)), frames padded/cut "
+                   "to `frames`",
+        "layout": {"frames": "[B, frames, n_mels]", "mels": "[B, n_mels, frames]"}[encoder.layout],
+        "frames": encoder.frames,
+        "pooling": "pooler_output if the model returns one, else last_hidden_state averaged over frames",
+        "embedding": "pooled @ projection.weight.T"}, indent=2))
     announce(f"note: the transformers audio tower ({encoder.backbone.config.model_type}) is written to {folder}/ "
-             f"(AutoModel.from_pretrained loads it; projection.safetensors and frontend.json beside it)")
+             f"({loader}.from_pretrained loads it; projection.safetensors and frontend.json beside it)")
 
 
 def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None = None, announce=print) -> Path:
@@ -193,11 +197,13 @@ def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None =
     text = towers["text"]
     target = "VisionTextDualEncoderModel" if text.kind == "hf_text" else "CLIPModel"
     _check_vision(towers["image"], target)
-    if text.kind == "hf_text":
-        hf_model, state = _dual_encoder(model, model_cfg)
-    else:
+    if text.kind != "hf_text":
         _check_text(text, target)
-        hf_model, state = _clip_model(model, model_cfg)
+    try:
+        hf_model, state = (_dual_encoder if text.kind == "hf_text" else _clip_model)(model, model_cfg)
+    except KeyError as exc:  # a tensor of a block variant the option checks let through
+        raise UserError(f"--format hf: {target} has no place for the tower tensor {exc.args[0]!r}; "
+                        f"use --format open_clip") from None
     missing, unexpected = hf_model.load_state_dict({**state, "logit_scale": model.logit_scale.detach().reshape(())},
                                                    strict=False)
     if missing or unexpected:  # the option checks above should make this unreachable

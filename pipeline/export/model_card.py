@@ -6,12 +6,14 @@ from pathlib import Path
 
 import yaml
 
-TOKENIZER_NOTE = (
+CLIP_TOKENIZER = (
     "The tokenizer is open_clip's BPE vocabulary (vocab.json + merges.txt, padding id 0, truncation to the context "
     "length with the end token kept). transformers normalises text with NFC, whitespace folding and lower-casing; "
     "open_clip additionally runs `ftfy.fix_text` and HTML unescaping (`&amp;` -> `&`) and treats the literal "
     "strings `<start_of_text>` / `<end_of_text>` as its special tokens. Token ids are equal on every text those "
     "steps leave unchanged; for other text, clean it with ftfy + `html.unescape` first to get the training ids.")
+TEXT_MODEL_TOKENIZER = ("The text model's own transformers tokenizer, as in training (where runs of whitespace were "
+                        "folded to one space first). Pad to the context length; the attention mask must mask padding.")
 
 
 def run_dir_of(source: str | Path | None) -> Path | None:
@@ -68,7 +70,8 @@ def write_model_card(out: Path, model, model_cfg, target: str, source=None) -> P
                      f"pair probability = sigmoid(logit_scale.exp() * cosine + logit_bias))")
     for modality, tower in model_cfg.towers.items():
         lines.append(f"- {modality}: {tower.kind}{' ' + tower.name if tower.name else ''} {tower.options}")
-    lines += ["", "## Tokenizer", "", TOKENIZER_NOTE, "", "## Evaluation", ""]
+    tokenizer = CLIP_TOKENIZER if target == "CLIPModel" else TEXT_MODEL_TOKENIZER
+    lines += ["", "## Tokenizer", "", tokenizer, "", "## Evaluation", ""]
     results = eval_results(run_dir)
     if not results:
         lines.append("No eval results were found in the run directory.")
