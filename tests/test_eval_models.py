@@ -9,7 +9,7 @@ from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.eval.models import load_eval_model
 from pipeline.models.io import save_model
-from test_hf_export import IMAGE, TEXT, _perturbed
+from test_hf_export import IMAGE, TEXT, _bert, _perturbed
 
 # open_clip's default (OpenAI) mean/std, which an open_clip architecture with bare weights also uses
 IMAGE_DEFAULT_NORM = {**IMAGE, "options": {k: v for k, v in IMAGE["options"].items() if k not in ("mean", "std")}}
@@ -45,6 +45,19 @@ def test_every_model_kind_scores_like_the_run(demo_shards, exports, tmp_path, ki
     ours = _eval(exports["run"], task, dataset, tmp_path / "run.json")
     theirs = _eval(exports[kind], task, dataset, tmp_path / "export.json")
     assert ours.keys() == theirs.keys() and ours["samples"] == theirs["samples"] > 0
+    for k, v in ours.items():
+        assert theirs[k] == pytest.approx(v, abs=1e-4), k
+
+
+def test_dual_encoder_export_scores_like_the_run(demo_shards, tmp_path):
+    text = {"kind": "hf_text", "name": str(_bert(tmp_path)),
+            "options": {"context_length": 12, "hf_pooler_type": "cls_pooler", "hf_proj_type": "linear"}}
+    cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE_DEFAULT_NORM, "text": text})
+    save_model(_perturbed(cfg).state_dict(), cfg, tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    dataset = demo_shards / "demo" / "wds" / "fashion_mnist"
+    ours = _eval(str(tmp_path / "run"), "zeroshot_classification", dataset, tmp_path / "run.json")
+    theirs = _eval(str(tmp_path / "hf"), "zeroshot_classification", dataset, tmp_path / "export.json")
     for k, v in ours.items():
         assert theirs[k] == pytest.approx(v, abs=1e-4), k
 

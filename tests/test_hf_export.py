@@ -1,6 +1,6 @@
-"""`mmclip export --format hf`: transformers alone (a subprocess that never imports pipeline) loads the export
-and gives the pipeline's embeddings on real images and texts; options transformers cannot express are refused;
-a transformers CLIPModel folder imports back into open_clip towers."""
+"""Exports load with their own library alone (a subprocess that never imports pipeline) and give the pipeline's
+embeddings on real images and texts: `--format hf` (transformers) and `--format open_clip`. Options transformers
+cannot express are refused; a transformers CLIPModel folder imports back into open_clip towers."""
 import json
 import subprocess
 import sys
@@ -48,9 +48,16 @@ with torch.no_grad():
               "input_ids": ids.input_ids, "attention_mask": ids.attention_mask,
               "pixel_values": processor(images=images, return_tensors="pt").pixel_values,
               "logit_scale": model.logit_scale.detach().reshape(1)}
-assert not any(m == "pipeline" or m.startswith("pipeline.") for m in sys.modules), "imported pipeline"
 save_file({k: v.contiguous() for k, v in result.items()}, out)
 """
+
+
+def _run_alone(script: str, cwd, *args) -> None:
+    """Run `script` in a fresh interpreter, offline, away from the worktree; it must not import pipeline."""
+    check = '\nassert not any(m.split(".")[0] == "pipeline" for m in sys.modules), "imported pipeline"\n'
+    proc = subprocess.run([sys.executable, "-c", script + check, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _perturbed(cfg: ModelConfig, seed: int = 0):
@@ -79,9 +86,7 @@ def _hf_side(tmp_path, export, pixels, tokens, pad_id, cls="CLIPModel", images=(
                "mask": (tokens != pad_id).long().contiguous()}, str(inputs))
     (tmp_path / "inputs.safetensors.texts.json").write_text(json.dumps(texts))
     (tmp_path / "inputs.safetensors.images.json").write_text(json.dumps([str(p) for p in images]))
-    proc = subprocess.run([sys.executable, "-c", HF_SIDE, str(export), str(inputs), str(out), cls],
-                          capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_alone(HF_SIDE, tmp_path, export, inputs, out, cls)
     return load_file(str(out))
 
 
@@ -128,6 +133,36 @@ def test_clip_export_loads_with_transformers_alone_and_gives_the_same_embeddings
     assert hf["logit_scale"].item() == pytest.approx(model.logit_scale.item(), abs=1e-7)
 
 
+OPEN_CLIP_SIDE = r"""
+import json, sys
+import open_clip, torch
+from safetensors.torch import load_file, save_file
+export, inputs, out = sys.argv[1:4]
+model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{export}")
+x = load_file(inputs)
+with torch.no_grad():
+    save_file({"image": model.eval().encode_image(x["pixels"]).contiguous(), "text": model.encode_text(x["tokens"]),
+               "input_ids": open_clip.get_tokenizer(f"local-dir:{export}")(json.load(open(inputs + ".json")))},
+              out)
+"""
+
+
+def test_open_clip_export_loads_with_open_clip_alone(demo_shards, tmp_path):
+    cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT})
+    model = _perturbed(cfg)
+    save_model(model.state_dict(), cfg, tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--format", "open_clip", "--out", str(tmp_path / "oc")]) == 0
+    pixels, tokens = _real_inputs(demo_shards, model, n=8)
+    save_file({"pixels": pixels.contiguous(), "tokens": tokens.contiguous()}, str(tmp_path / "x.safetensors"))
+    (tmp_path / "x.safetensors.json").write_text(json.dumps(TEXTS))
+    _run_alone(OPEN_CLIP_SIDE, tmp_path, tmp_path / "oc", tmp_path / "x.safetensors", tmp_path / "y.safetensors")
+    theirs = load_file(str(tmp_path / "y.safetensors"))
+    with torch.no_grad():
+        assert (_unit(theirs["image"]) - model.encode_image(pixels)).abs().max() <= 1e-5
+        assert (_unit(theirs["text"]) - model.encode_text(tokens)).abs().max() <= 1e-5
+    assert torch.equal(theirs["input_ids"], tokens)
+
+
 def test_processor_centre_crop_differs_by_one_pixel_where_documented(tmp_path):
     """torchvision rounds the crop offset half-to-even, transformers floors it: they differ when the resized side
     exceeds the crop by 3 (mod 4) pixels. The README documents this; the test pins it."""
@@ -164,8 +199,13 @@ def test_siglip_run_exports_as_clip_with_its_logit_bias(tmp_path):
     save_model(_perturbed(cfg).state_dict(), cfg, run / "checkpoints" / "final")
     (run / "checkpoints" / "latest").write_text("final")
     (run / "config.yaml").write_text("loss: {kind: siglip}\n")
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 5, "fashion_mnist/acc1": 0.25}) + "\n"
-                                       + json.dumps({"step": 9, "fashion_mnist/acc1": 0.5, "loss": 1.0}) + "\n")
+    records = [{"step": 5, "fashion_mnist/acc1": 0.25}, {"step": 9, "loss": 1.0, "skipped/corrupt": 2},
+               {"step": 10, "fashion_mnist/acc1": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "eval").mkdir()
+    (run / "eval" / "retrieval.json").write_text(json.dumps({
+        "task": "zeroshot_retrieval", "dataset": "/data/fashion_mnist_retrieval",
+        "metrics": {"image_retrieval_recall@1": 0.125, "skipped": {"corrupt": 1}}}))
     said = []
     from pipeline.models.io import load_model
 
@@ -178,7 +218,9 @@ def test_siglip_run_exports_as_clip_with_its_logit_bias(tmp_path):
     assert CLIPConfig.from_pretrained(str(out)).logit_bias == pytest.approx(bias)
     card = (out / "README.md").read_text()
     assert f"logit_bias: {bias:.6f}" in card and "loss: siglip" in card
-    assert "| acc1 | 0.5000 |" in card and "0.2500" not in card  # the latest eval only
+    assert "fashion_mnist (step 10)" in card and "| acc1 | 0.5000 |" in card  # the latest eval only
+    assert "0.2500" not in card and "corrupt" not in card
+    assert "zeroshot_retrieval on fashion_mnist_retrieval" in card and "| image_retrieval_recall@1 | 0.1250 |" in card
     assert "ftfy" in card and "html" in card.lower()
 
 
@@ -263,7 +305,6 @@ with torch.no_grad():
     pooled = result.pooler_output if getattr(result, "pooler_output", None) is not None \
         else result.last_hidden_state.mean(1)
     save_file({"audio": (pooled @ proj.T).contiguous()}, out)
-assert not any(m == "pipeline" or m.startswith("pipeline.") for m in sys.modules)
 """
 
 
@@ -285,10 +326,7 @@ def test_audio_towers_go_beside_the_model_and_are_announced(tmp_path, options, f
         mel = model.towers["audio"].encoder.frontend(wave)[..., :frames]
         ours = model.encode_audio(wave, normalize=False)
     save_file({"mel": mel.contiguous()}, str(tmp_path / "mel.safetensors"))
-    proc = subprocess.run([sys.executable, "-c", AUDIO_SIDE, str(out / "audio"), str(tmp_path / "mel.safetensors"),
-                           str(tmp_path / "a.safetensors")], capture_output=True, text=True, cwd=tmp_path,
-                          env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_alone(AUDIO_SIDE, tmp_path, out / "audio", tmp_path / "mel.safetensors", tmp_path / "a.safetensors")
     assert (load_file(str(tmp_path / "a.safetensors"))["audio"] - ours).abs().max() <= 1e-4
 
 

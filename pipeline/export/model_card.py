@@ -33,14 +33,16 @@ def eval_results(run_dir: Path | None) -> dict[str, dict]:
     if metrics.is_file():
         for line in metrics.read_text().splitlines():
             record = json.loads(line)
+            if "loss" in record:  # a training record; eval records hold only `name/metric` values
+                continue
             for key, value in record.items():
-                if "/" in key and not key.startswith(("train/", "lr", "loss")):
+                if "/" in key:
                     name, metric = key.split("/", 1)
-                    results.setdefault(f"{name} (step {record['step']})", {})[metric] = value
-        latest = {}
-        for label, values in results.items():  # keep each eval set's last step only
-            latest[label.rsplit(" (step", 1)[0]] = (label, values)
-        results = dict(latest.values())
+                    results.setdefault(name, {"step": record["step"]})
+                    if results[name]["step"] != record["step"]:  # a later eval of the same set replaces it
+                        results[name] = {"step": record["step"]}
+                    results[name][metric] = value
+        results = {f"{name} (step {values.pop('step')})": values for name, values in results.items()}
     for path in sorted(run_dir.glob("**/*.json")):
         try:
             record = json.loads(path.read_text())
