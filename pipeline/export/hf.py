@@ -222,7 +222,8 @@ def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None =
     else:
         tokenizer = write_clip_tokenizer(out, text.preprocess.context_length)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    announce(f"transformers {target}: {out}")
+    announce(f"transformers {target}: {out}  ({target}.from_pretrained(DIR), "
+             f"AutoProcessor.from_pretrained(DIR, backend=\"pil\"))")
     if model.logit_bias is not None:
         announce(f"note: trained with the sigmoid loss: CLIPModel has no logit bias, so it is written to "
                  f"config.json as logit_bias={model.logit_bias.item():.4f} (and README.md); "
