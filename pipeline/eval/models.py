@@ -68,6 +68,8 @@ def load_open_clip_dir(folder: Path) -> MultiModalCLIP:
 
     if not (folder / "open_clip_config.json").is_file():
         raise UserError(f"{LOCAL_DIR}{folder}: no open_clip_config.json there")
+    if not (folder / "open_clip_model.safetensors").is_file():  # open_clip would fall back to a pickled .bin
+        raise UserError(f"{LOCAL_DIR}{folder}: no open_clip_model.safetensors there (pickled weights are not read)")
     oc = open_clip.create_model(f"{LOCAL_DIR}{folder}", load_weights=True)
     text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
     return _open_clip_model(oc.eval(), text_cfg)
@@ -116,20 +118,23 @@ def _hf_image_preprocess(folder: Path) -> ImagePreprocess:
 def load_transformers_dir(folder: Path) -> MultiModalCLIP:
     from transformers import AutoModel, AutoTokenizer
 
-    model = AutoModel.from_pretrained(str(folder)).eval()
+    try:
+        model = AutoModel.from_pretrained(str(folder), use_safetensors=True).eval()  # never a pickle
+    except (OSError, ValueError, KeyError) as exc:  # transformers' own errors for unreadable folders
+        raise UserError(f"{folder}: transformers cannot load this folder ({str(exc).splitlines()[0]})") from None
     if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
         raise UserError(f"{folder}: {type(model).__name__} is not an image-text dual encoder (CLIPModel, "
                         f"VisionTextDualEncoderModel, SiglipModel ...)")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    config = model.config
+    tokenizer, config = AutoTokenizer.from_pretrained(str(folder)), model.config
+    # a tokenizer saved without a length reports transformers' "very large" placeholder
     context = tokenizer.model_max_length if tokenizer.model_max_length < 10**6 else \
         config.text_config.max_position_embeddings
+    embed_dim = getattr(config, "projection_dim", None) or config.text_config.hidden_size
     # CLIP and SigLIP text towers were trained without a padding mask (causal / last token); BERT-like ones need it
     pad_id = tokenizer.pad_token_id if config.model_type == "vision-text-dual-encoder" else None
     return _wrap(model, lambda m, x: m.get_image_features(pixel_values=x).pooler_output,
                  lambda m, x, mask=None: m.get_text_features(input_ids=x, attention_mask=mask).pooler_output,
-                 _hf_image_preprocess(folder), TextPreprocess(context, str(folder)), config.projection_dim
-                 if hasattr(config, "projection_dim") else config.text_config.hidden_size,
+                 _hf_image_preprocess(folder), TextPreprocess(context, str(folder)), embed_dim,
                  float(model.logit_scale.detach().reshape(-1)[0]), pad_id)
 
 
