@@ -224,6 +224,19 @@ def test_siglip_run_exports_as_clip_with_its_logit_bias(tmp_path):
     assert "ftfy" in card and "html" in card.lower()
 
 
+def test_logit_scale_is_the_one_the_pipeline_scores_with(tmp_path):
+    """Training clamps the scale at ln 100 in forward; the export writes what forward uses."""
+    from transformers import CLIPModel
+
+    cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT}, init_logit_scale=5.0)
+    model = build_model(cfg).eval()
+    out = export_hf(model, cfg, tmp_path / "hf", announce=lambda _: None)
+    batch = {"image": torch.randn(2, 3, 28, 28), "text": TextTokenizer(24)(TEXTS[:2])}
+    with torch.no_grad():
+        assert CLIPModel.from_pretrained(str(out)).logit_scale.exp().item() == pytest.approx(
+            model(batch)["logit_scale"].item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("modality, options, named", [
     ("image", {"attentional_pool": True}, "attentional_pool"),
     ("image", {"no_ln_pre": True}, "no_ln_pre"),

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from pipeline.errors import UserError
 from pipeline.export.model_card import write_model_card
 from pipeline.export.open_clip import EXTRA, write_extra_tower
+from pipeline.models.clip import MAX_LOG_SCALE
 from pipeline.models.clip_keys import open_clip_to_hf
 
 AUDIO = "audio"
@@ -114,8 +115,13 @@ def write_clip_tokenizer(folder: Path, context_length: int):
     return tokenizer
 
 
+def _logit_scale(model) -> float:
+    """The scale the pipeline scores with: training clamps it in forward, CLIPModel exponentiates it as stored."""
+    return min(float(model.logit_scale.detach().item()), MAX_LOG_SCALE)
+
+
 def _logit_config(model) -> dict:
-    out = {"logit_scale_init_value": float(model.logit_scale.detach().item())}
+    out = {"logit_scale_init_value": _logit_scale(model)}
     if model.logit_bias is not None:  # CLIPModel has no bias parameter: kept in the config for sigmoid scoring
         out["logit_bias"] = float(model.logit_bias.detach().item())
     return out
@@ -204,7 +210,7 @@ def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None =
     except KeyError as exc:  # a tensor of a block variant the option checks let through
         raise UserError(f"--format hf: {target} has no place for the tower tensor {exc.args[0]!r}; "
                         f"use --format open_clip") from None
-    missing, unexpected = hf_model.load_state_dict({**state, "logit_scale": model.logit_scale.detach().reshape(())},
+    missing, unexpected = hf_model.load_state_dict({**state, "logit_scale": torch.tensor(_logit_scale(model))},
                                                    strict=False)
     if missing or unexpected:  # the option checks above should make this unreachable
         raise UserError(f"--format hf: {target} has no place for {unexpected[:3]} / lacks {missing[:3]}; "
@@ -230,5 +236,5 @@ def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None =
                  f"pair probability = sigmoid(logit_scale.exp() * cos + logit_bias)")
     if AUDIO in towers:
         _write_audio(model, model_cfg, out, announce)
-    write_model_card(out, model, model_cfg, target, source)
+    write_model_card(out, model, model_cfg, target, _logit_scale(model), source)
     return out

@@ -53,7 +53,7 @@ def eval_results(run_dir: Path | None) -> dict[str, dict]:
     return results
 
 
-def write_model_card(out: Path, model, model_cfg, target: str, source=None) -> Path:
+def write_model_card(out: Path, model, model_cfg, target: str, logit_scale: float, source=None) -> Path:
     run_dir = run_dir_of(source)
     loss = None
     if run_dir is not None:
@@ -64,7 +64,7 @@ def write_model_card(out: Path, model, model_cfg, target: str, source=None) -> P
              "processor = AutoProcessor.from_pretrained(PATH, backend=\"pil\")  # the PIL backend matches training",
              "inputs = processor(text=texts, images=images, padding=\"max_length\", truncation=True, return_tensors=\"pt\")",
              "```", "", "## Config", "", f"- embed_dim: {model_cfg.embed_dim}",
-             f"- logit_scale (log): {model.logit_scale.item():.6f}"]
+             f"- logit_scale (log): {logit_scale:.6f}"]
     if loss:
         lines.append(f"- loss: {loss}")
     if model.logit_bias is not None:
