@@ -300,6 +300,12 @@ def test_hf_text_tower_exports_as_dual_encoder_only_with_pooler_and_linear_proje
         assert (_unit(hf_out["image"]) - model.encode_image(pixels)).abs().max() <= 1e-4
         assert (_unit(hf_out["text"]) - model.encode_text(tokens)).abs().max() <= 1e-4
     assert torch.equal(hf_out["input_ids"], tokens)
+    imported = build_model(ModelConfig(embed_dim=16, towers={"image": {**IMAGE, "pretrained": str(out)},
+                                                             "text": {**text, "pretrained": str(out)}})).eval()
+    with torch.no_grad():  # the vision half back into open_clip, the BERT half found under its prefix
+        assert (imported.encode_image(pixels) - model.encode_image(pixels)).abs().max() <= 1e-6
+        torch.testing.assert_close(imported.towers["text"].encoder.transformer.state_dict(),
+                                   model.towers["text"].encoder.transformer.state_dict())
 
 
 AUDIO_SIDE = r"""

@@ -59,7 +59,9 @@ def open_clip_to_hf(tower: str, state: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def hf_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A CLIPModel state dict -> open_clip CLIP keys (`visual.*` and the text tower at the top level)."""
+    """A CLIPModel (or dual encoder's CLIP vision) state dict -> open_clip CLIP keys (`visual.*`, text at the top).
+
+    Tensors of other architectures are left out; whether what remains fits a tower is `pretrained`'s check."""
     out = {}
     for tower, (model, names, proj, hf_proj) in TOWERS.items():
         prefix, inverse, inverse_block = OPEN_CLIP_PREFIX[tower], {v: k for k, v in names.items()}, \
@@ -76,10 +78,12 @@ def hf_to_open_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                     kind = layer.group(2).rsplit(".", 1)[1]
                     parts = [state[f"{model}.encoder.layers.{layer.group(1)}.self_attn.{n}_proj.{kind}"] for n in "qkv"]
                     out[f"{prefix}transformer.resblocks.{layer.group(1)}.attn.in_proj_{kind}"] = torch.cat(parts)
-            elif layer:
-                out[f"{prefix}transformer.resblocks.{layer.group(1)}.{_rename(layer.group(2), inverse_block)}"] = value
             else:
-                out[prefix + _rename(rest, inverse)] = value
+                try:
+                    out[prefix + (f"transformer.resblocks.{layer.group(1)}.{_rename(layer.group(2), inverse_block)}"
+                                  if layer else _rename(rest, inverse))] = value
+                except KeyError:  # not a CLIP tower (e.g. a dual encoder's BERT text model): left out
+                    continue
     return {k: v.contiguous() for k, v in out.items()}
 
 

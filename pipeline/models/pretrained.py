@@ -70,11 +70,7 @@ def load_pretrained(tower, path: str, key: str) -> None:
     """Load `path` into the tower's encoder (or its backbone); a one-line error says what did not match."""
     state = read_safetensors(path, key)
     if tower.kind in ("open_clip_vision", "open_clip_text") and is_hf_clip(state):
-        try:
-            state = hf_to_open_clip(state)
-        except KeyError as exc:
-            raise UserError(f"{key}: {path} looks like a transformers CLIPModel but holds {exc.args[0]!r}, which "
-                            f"open_clip's ViT / text transformer has no place for") from None
+        state = hf_to_open_clip(state)
     targets = [("the tower", tower.encoder)]
     if tower.kind in BACKBONES:
         targets.append((f"its {tower.kind} backbone", getattr(tower.encoder, BACKBONES[tower.kind])))
