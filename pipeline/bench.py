@@ -34,6 +34,15 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--out", default="docs/bench", help="where tables and plots go")
 
 
+def tower_inputs(config: str) -> tuple[dict, object]:
+    """(each tower's input description, the data section) of a run config, for the data bench."""
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+
+    cfg = load_config(config)
+    return {m: t.preprocess for m, t in build_model(cfg.model).towers.items()}, cfg.data
+
+
 def run_bench(args) -> int:
     if args.bench == "loss":
         from pipeline.losses.bench import run_loss_bench
@@ -42,7 +51,8 @@ def run_bench(args) -> int:
     elif args.bench == "data":
         from pipeline.data.bench import run_data_bench
 
-        run_data_bench(args.shards, args.batch_size, args.workers, args.batches, args.out, args.repeats)
+        setups = {c: tower_inputs(c) for c in ("configs/demo.yaml", "configs/demo_symile.yaml")}
+        run_data_bench(args.shards, args.batch_size, args.workers, args.batches, args.out, setups, args.repeats)
     else:
         from pipeline.train.bench import run_train_bench
 

@@ -6,9 +6,11 @@ function. Every UserError prints as one line, `mmclip: error: ...`, and exits wi
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from pipeline.errors import UserError
+from pipeline.launch.env import REQUEUE_EXIT_CODE
 
 
 # name, one-line help, description, "module:add_args", "module:run"
@@ -77,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"mmclip: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # a second stop signal, or Ctrl-C outside training
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"mmclip: stopped by {signal.Signals(signum).name}; a run continues from its newest complete "
+              f"checkpoint with --resume latest", file=sys.stderr)
+        return 130 if signum == signal.SIGINT else REQUEUE_EXIT_CODE
 
 
 if __name__ == "__main__":

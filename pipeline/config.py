@@ -1,47 +1,67 @@
 """Typed run configuration: one YAML file describes a whole run.
 
 Every section is a pydantic model that forbids unknown keys, so a typo fails at load time
-with one line naming the file, the key, the bad value and what is allowed.
+with one line naming the file, the key, the bad value and what is allowed. The sections that
+depend on what is registered (a loss's own options, `data.<modality>`, tower kinds; see
+pipeline.registry) are validated against the registries when a config is parsed; importing this
+module pulls in no model, loss or engine code.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import UserError
-
-Modality = Literal["image", "text", "audio"]
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _one_line(exc: ValidationError, prefix: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join([prefix, *(str(p) for p in err["loc"])])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'; remove it or check the spelling"
+    if err["type"] == "value_error":
+        return f"{key}: {err['msg'].removeprefix('Value error, ')}"
+    return f"key '{key}' has bad value {err.get('input')!r}; {err['msg']}"
+
+
+def registered(registry_name: str, key: str):
+    """A `kind`-keyed section validated by the class its registered component names (a discriminated
+    union whose members are whatever is registered, plugins included)."""
+    def validate(raw):
+        from pipeline import registry
+
+        if isinstance(raw, BaseModel):
+            return raw
+        if not isinstance(raw, dict) or "kind" not in raw:
+            raise ValueError(f"{key} needs a 'kind'")
+        entry = getattr(registry, registry_name).get(raw["kind"], f"{key}.kind")
+        try:
+            return entry.config.model_validate(raw)
+        except ValidationError as exc:
+            raise ValueError(_one_line(exc, key)) from None
+    return BeforeValidator(validate)
+
+
 # ----------------------------------------------------------------------------- data
-class ImageData(Section):
-    extensions: list[str] = ["jpg", "jpeg", "png", "webp"]
-
-
-class TextData(Section):
-    extensions: list[str] = ["txt"]
-    json_key: str = Field("text", description="caption key in KEY.json when no text file exists")
-
-
-class AudioData(Section):
-    extensions: list[str] = ["flac", "wav", "mp3", "ogg"]
-    sample_rate: int = Field(16000, gt=0)
-    seconds: float = Field(2.0, gt=0)
-
-
 class HardNegatives(Section):
+    modality: str = Field("text", description="the modality of the negatives (decoded and preprocessed like it)")
     extension: str = "neg.txt"
     k: int = Field(1, ge=1, description="negatives per sample; extra ones are dropped, missing ones repeat")
 
 
 class DataConfig(Section):
+    """Besides these keys, `data.<modality>` sections (e.g. `data.audio.sample_rate`) configure each modality;
+    their keys are the modality's own (pipeline/modalities)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     train: str = Field(description="shard spec: brace expansion, several sources joined with '::'")
     train_weights: Optional[list[float]] = None
     val: Optional[str] = None
@@ -51,17 +71,39 @@ class DataConfig(Section):
     workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0)
     missing_modality: Literal["mask", "drop"] = "mask"
-    image: ImageData = ImageData()
-    text: TextData = TextData()
-    audio: AudioData = AudioData()
     hard_negatives: Optional[HardNegatives] = None
+    max_empty_shards: int = Field(16, ge=1, description="stop the run after this many shard reads in a row "
+                                  "gave no sample (empty, unreadable or missing tars)")
+    max_skips_in_a_row: int = Field(1000, ge=1, description="stop the run after this many samples in a row "
+                                    "were skipped (every sample corrupt or lacking the configured modalities)")
+
+    @model_validator(mode="after")
+    def _modality_sections(self):
+        from pipeline.registry import MODALITIES
+
+        for name, raw in list((self.model_extra or {}).items()):
+            if name not in MODALITIES:
+                raise ValueError(f"unknown key 'data.{name}'; allowed: the keys of data and the modalities "
+                                 f"{MODALITIES.names()}")
+            if not isinstance(raw, BaseModel):
+                try:
+                    self.model_extra[name] = MODALITIES.get(name, "data").config.model_validate(raw or {})
+                except ValidationError as exc:
+                    raise ValueError(_one_line(exc, f"data.{name}")) from None
+        return self
+
+    def modality(self, name: str):
+        """The `data.<name>` section (its defaults when the config does not set it)."""
+        from pipeline.registry import MODALITIES
+
+        return (self.model_extra or {}).get(name) or MODALITIES.get(name, "data").config()
 
 
 # ---------------------------------------------------------------------------- model
 class TowerConfig(Section):
-    """One encoder. `kind` picks the builder; the other keys are passed to it."""
+    """One encoder. `kind` picks the registered builder (pipeline.registry.TOWERS); the other keys go to it."""
 
-    kind: Literal["timm", "open_clip_vision", "open_clip_text", "hf_text", "timm_audio", "hf_audio"]
+    kind: str
     name: Optional[str] = Field(None, description="timm model name, or a local transformers path/config")
     pretrained: Optional[str] = Field(None, description="local safetensors file or folder: the tower's, an "
                                       "open_clip model's, or a timm/transformers checkpoint")
@@ -70,24 +112,36 @@ class TowerConfig(Section):
 
 class ModelConfig(Section):
     embed_dim: int = Field(gt=0)
-    towers: dict[Modality, TowerConfig]
+    towers: dict[str, TowerConfig]
     init_logit_scale: float = Field(2.6592, description="log of the initial multiplier (ln 1/0.07)")
     init_logit_bias: Optional[float] = Field(None, description="sigmoid loss bias init (SigLIP: -10)")
 
     @model_validator(mode="after")
-    def _at_least_two_towers(self):
+    def _registered_towers(self):
+        from pipeline.registry import MODALITIES, TOWERS
+
         if len(self.towers) < 2:
             raise ValueError(f"needs at least two towers, got {sorted(self.towers)}")
+        for modality, tower in self.towers.items():
+            if modality not in MODALITIES:
+                raise ValueError(f"model.towers.{modality}: unknown modality; allowed: {MODALITIES.names()}")
+            try:
+                entry = TOWERS.get(tower.kind, f"model.towers.{modality}.kind")
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
+            if entry.info["modality"] != modality:
+                allowed = [n for n in TOWERS.names() if TOWERS.get(n, "").info["modality"] == modality]
+                raise ValueError(f"model.towers.{modality}.kind: {tower.kind!r} is a {entry.info['modality']} tower, "
+                                 f"not {modality}; allowed: {allowed}")
         return self
 
 
 # ----------------------------------------------------------------------------- loss
-class LossConfig(Section):
-    kind: Literal["clip", "siglip", "symile"] = "clip"
+class LossSection(Section):
+    """What every loss section has; each registered loss adds its own keys (pipeline/losses)."""
+
+    kind: str
     chunk_size: Optional[int] = Field(None, gt=0, description="tile rows; null picks a default")
-    hard_negative_alpha: float = Field(1.0, ge=0)
-    hard_negative_beta: float = Field(0.0, ge=0)
-    symile_negatives: Literal["n", "n_squared"] = "n"
 
 
 # --------------------------------------------------------------------- optimisation
@@ -112,6 +166,8 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
     max_bad_steps: int = Field(10, ge=1, description="abort after this many NaN/inf losses")
+    collective_timeout_s: int = Field(600, gt=0, description="a rank waiting this long in a collective (a dead "
+                                      "or stuck peer) fails the run; torch's default is 30 min")
 
 
 class DeepSpeedConfig(Section):
@@ -132,7 +188,7 @@ class DeepSpeedConfig(Section):
 class EvalTask(Section):
     task: Literal["zeroshot_classification", "zeroshot_retrieval", "symile_classification"]
     dataset: str = Field(description="CLIP_benchmark wds root or project shards")
-    modality: Modality = "image"
+    modality: str = "image"
     name: Optional[str] = None
 
 
@@ -167,9 +223,12 @@ class SlurmConfig(Section):
 
 class RunConfig(Section):
     output_dir: str
+    plugins: list[str] = Field(default_factory=list, description="modules or .py files imported first, so they "
+                               "can register losses, towers and modalities")
     data: DataConfig
     model: ModelConfig
-    loss: LossConfig = LossConfig()
+    loss: Annotated[LossSection, registered("LOSSES", "loss")] = Field(
+        default_factory=lambda: {"kind": "clip"}, validate_default=True)
     optim: OptimConfig
     train: TrainConfig = TrainConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -179,10 +238,10 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.loss.kind == "siglip" and self.model.init_logit_bias is None:
-            raise ValueError("loss.kind 'siglip' needs model.init_logit_bias (SigLIP uses -10)")
-        if self.loss.kind != "symile" and len(self.model.towers) > 2 and self.loss.symile_negatives != "n":
-            raise ValueError("loss.symile_negatives only applies to loss.kind 'symile'")
+        from pipeline.registry import LOSSES
+
+        if LOSSES.get(self.loss.kind, "loss.kind").info.get("needs_logit_bias") and self.model.init_logit_bias is None:
+            raise ValueError(f"loss.kind {self.loss.kind!r} needs model.init_logit_bias (SigLIP uses -10)")
         weights = self.data.train_weights
         if weights is not None and len(weights) != len(self.data.train.split("::")):
             raise ValueError(
@@ -242,21 +301,37 @@ def _format_error(err: dict, source: str, raw: dict) -> str:
 
 
 def parse_config(raw: Any, source: str) -> RunConfig:
+    from pipeline.registry import import_plugins
+
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    plugins = raw.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise UserError(f"{source}: plugins must be a list of modules or .py files")
+    base = Path(source).parent
+    raw["plugins"] = [str((base / p).resolve()) if p.endswith(".py") and not Path(p).is_file() else
+                      str(Path(p).resolve()) if p.endswith(".py") else p for p in plugins]
+    import_plugins(raw["plugins"], source)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise UserError(_format_error(exc.errors()[0], source, raw)) from None
+    except UserError as exc:  # a registry lookup inside a section
+        raise UserError(f"{source}: {exc}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `--set` overrides, validate."""
     path = Path(path)
+    if path.is_dir():
+        hint = f" (this run's own is {path / 'config.yaml'})" if (path / "config.yaml").is_file() else ""
+        raise UserError(f"config {path} is a directory; give a YAML run config file such as configs/demo.yaml{hint}")
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} cannot be read ({exc}); give a YAML run config file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -140,7 +140,7 @@ def test_image_to_audio_retrieval_on_project_shards(demo_shards, tmp_path):
 def test_hf_text_tower_exports_with_its_config_and_tokenizer(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    from pipeline.data.preprocess import TextTokenizer
+    from pipeline.modalities.text import TextTokenizer
 
     hf = tmp_path / "bert"
     hf.mkdir()

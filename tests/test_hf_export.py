@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
 from pipeline.config import ModelConfig
-from pipeline.data.preprocess import ImageTransform, TextTokenizer
+from pipeline.modalities.image import ImageTransform
+from pipeline.modalities.text import TextTokenizer
 from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
 from pipeline.export.hf import export_hf
@@ -196,8 +197,7 @@ def test_tokenizer_differs_only_where_open_clip_cleans_more(tmp_path):
 def test_siglip_run_exports_as_clip_with_its_logit_bias(tmp_path):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT}, init_logit_bias=-10.0)
     run = tmp_path / "run"
-    save_model(_perturbed(cfg).state_dict(), cfg, run / "checkpoints" / "final")
-    (run / "checkpoints" / "latest").write_text("final")
+    save_model(_perturbed(cfg).state_dict(), cfg, run)
     (run / "config.yaml").write_text("loss: {kind: siglip}\n")
     records = [{"step": 5, "fashion_mnist/acc1": 0.25}, {"step": 9, "loss": 1.0, "skipped/corrupt": 2},
                {"step": 10, "fashion_mnist/acc1": 0.5}]
@@ -343,7 +343,7 @@ def test_audio_towers_go_beside_the_model_and_are_announced(tmp_path, options, f
     wave = torch.randn(2, 16000)  # 1 s: 101 frames, cut to the model's `frames`
     with torch.no_grad():
         mel = model.towers["audio"].encoder.frontend(wave)[..., :frames]
-        ours = model.encode_audio(wave, normalize=False)
+        ours = model.encode("audio", wave, normalize=False)
     save_file({"mel": mel.contiguous()}, str(tmp_path / "mel.safetensors"))
     _run_alone(AUDIO_SIDE, tmp_path, out / "audio", tmp_path / "mel.safetensors", tmp_path / "a.safetensors")
     assert (load_file(str(tmp_path / "a.safetensors"))["audio"] - ours).abs().max() <= 1e-4

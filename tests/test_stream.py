@@ -13,7 +13,9 @@ from PIL import Image
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import build_loader
-from pipeline.data.preprocess import AudioClip, ImageTransform, TextTokenizer
+from pipeline.modalities.audio import AudioClip
+from pipeline.modalities.image import ImageTransform
+from pipeline.modalities.text import TextTokenizer
 from pipeline.errors import UserError
 
 

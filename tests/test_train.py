@@ -204,23 +204,25 @@ def test_kill_9_then_resume_finishes(demo_shards, tmp_path):
     assert resumed and resumed[0]["checkpoint"] >= latest
 
 
-def test_resume_latest_survives_a_kill_in_the_middle_of_a_save(tmp_path):
+def test_resume_latest_takes_the_newest_checkpoint_that_verifies(tmp_path):
     from pipeline.config import load_config
+    from pipeline.integrity import hash_files, write_manifest
     from pipeline.train.checkpoint import _prune, find_resume_tag
 
     cfg = load_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path}"])
     root = tmp_path / "checkpoints"
-    for name in ("step_00000003", "step_00000006", "step_00000009.tmp", "step_00000006.old"):
+    for name in ("step_00000003", "step_00000006", "step_00000009", "step_00000012.tmp", "step_00000006.old"):
         (root / name).mkdir(parents=True)
-        (root / name / "model.safetensors").write_bytes(b"")
-    assert find_resume_tag(cfg, "latest") == "step_00000006"  # no `latest` file yet: newest complete
-    (root / "latest").write_text("step_00000009\n")  # killed between renaming and pointing
-    assert find_resume_tag(cfg, "latest") == "step_00000006"
-    (root / "latest").write_text("step_00000003\n")
-    assert find_resume_tag(cfg, "latest") == "step_00000003"  # `latest` is honoured when it is complete
+        (root / name / "model.safetensors").write_bytes(b"weights" * 100)
+        write_manifest(root / name, hash_files(root / name, ["model.safetensors"]))
+    (root / "step_00000009" / "model.safetensors").write_bytes(b"weights")  # truncated after its save
+    (root / "latest").write_text("step_00000009\n")
+    assert find_resume_tag(cfg, "latest") == "step_00000006"  # not the damaged 9, not a save in progress
+    (root / "step_00000006" / "manifest.json").unlink()  # a save killed before its manifest was written
+    assert find_resume_tag(cfg, "latest") == "step_00000003"
     _prune(root, keep=1)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step_00000006", "step_00000006.old",
-                                                                   "step_00000009.tmp"]
+                                                                   "step_00000009", "step_00000012.tmp"]
 
 
 def test_epoch_mode_trains_across_epochs_and_resumes_exactly(demo_shards, tmp_path):

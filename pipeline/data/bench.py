@@ -14,7 +14,8 @@ import time
 from argparse import Namespace
 from pathlib import Path
 
-from pipeline.config import DataConfig, load_config
+from pipeline.config import DataConfig
+from pipeline.registry import MODALITIES
 
 WARMUP_BATCHES = 3
 
@@ -29,46 +30,48 @@ def _rate(batches, n_batches: int, batch_size: int) -> float:
     return n_batches * batch_size / (time.perf_counter() - t0)
 
 
-def _ours(spec: str, modalities: list[str], config: str, batch_size: int, workers: int, n_batches: int) -> float:
-    from pipeline.data.loader import build_loader
-    from pipeline.models import build_model
-    from pipeline.models.preprocess import tower_preprocessors
+def _preprocessors(towers: dict, data: DataConfig, modalities: list[str]) -> dict:
+    return {m: MODALITIES.get(m, "bench").obj.preprocessor(towers[m], data.modality(m), True) for m in modalities}
 
-    cfg = load_config(config)
-    data = DataConfig(train=spec, batch_size=batch_size, workers=workers, audio=cfg.data.audio)
-    model = build_model(cfg.model)
-    preprocess = {m: p for m, p in tower_preprocessors(model, data.audio, train=True).items() if m in modalities}
+
+def _ours(spec: str, modalities: list[str], setup: tuple, batch_size: int, workers: int, n_batches: int) -> float:
+    from pipeline.data.loader import build_loader
+
+    towers, run_data = setup
+    sections = {m: run_data.modality(m) for m in modalities}
+    data = DataConfig(train=spec, batch_size=batch_size, workers=workers, **sections)
+    preprocess = _preprocessors(towers, data, modalities)
     return _rate(build_loader(data, split="train", modalities=modalities, preprocess=preprocess), n_batches, batch_size)
 
 
-def _open_clip(spec: str, config: str, batch_size: int, workers: int, n_batches: int) -> float:
+def _open_clip(spec: str, setup: tuple, batch_size: int, workers: int, n_batches: int) -> float:
     from open_clip_train.data import get_wds_dataset
 
-    from pipeline.data.preprocess import ImageTransform, TextTokenizer
-    from pipeline.models import build_model
-
-    model = build_model(load_config(config).model)
-    image, text = model.towers["image"].preprocess, model.towers["text"].preprocess
-    transform = ImageTransform(image.image_size, image.mean, image.std, train=True).transform
+    towers, run_data = setup
+    pre = _preprocessors(towers, run_data, ["image", "text"])
     args = Namespace(train_data=spec, val_data=None, train_num_samples=batch_size * (n_batches + 10) * 4,
                      val_num_samples=None, dataset_resampled=True, batch_size=batch_size, workers=workers,
                      world_size=1, distributed=False, seed=0, train_data_upsampling_factors=None,
                      csv_img_key="filepath", csv_caption_key="title", csv_separator="\t")
-    info = get_wds_dataset(args, transform, is_train=True, tokenizer=TextTokenizer(text.context_length).tokenizer)
+    info = get_wds_dataset(args, pre["image"].transform, is_train=True, tokenizer=pre["text"].tokenizer)
     return _rate(info.dataloader, n_batches, batch_size)
 
 
 def run_data_bench(shards: str | None, batch_size: int, workers: list[int], n_batches: int, out_dir: str,
-                   repeats: int = 3) -> dict:
-    """Every (modalities, loader, worker count) cell is the median of `repeats` runs, interleaved."""
+                   setups: dict[str, tuple], repeats: int = 3) -> dict:
+    """Every (modalities, loader, worker count) cell is the median of `repeats` runs, interleaved.
+
+    `setups` maps a run config to (its towers' input descriptions, its data section): the data layer knows
+    no model, so the caller builds them."""
     spec = shards or "data/shards/demo/train/train-{000000..000005}.tar"
     cores = os.cpu_count()
     measures = {
-        ("image+text", "mmclip"): lambda w: _ours(spec, ["image", "text"], "configs/demo.yaml", batch_size, w,
-                                                  n_batches),
-        ("image+text", "open_clip"): lambda w: _open_clip(spec, "configs/demo.yaml", batch_size, w, n_batches),
-        ("audio+text", "mmclip"): lambda w: _ours(spec, ["audio", "text"], "configs/demo_symile.yaml", batch_size, w,
-                                                  n_batches),
+        ("image+text", "mmclip"): lambda w: _ours(spec, ["image", "text"], setups["configs/demo.yaml"], batch_size,
+                                                  w, n_batches),
+        ("image+text", "open_clip"): lambda w: _open_clip(spec, setups["configs/demo.yaml"], batch_size, w,
+                                                          n_batches),
+        ("audio+text", "mmclip"): lambda w: _ours(spec, ["audio", "text"], setups["configs/demo_symile.yaml"],
+                                                  batch_size, w, n_batches),
     }
     runs = {(m, impl, w): [] for (m, impl) in measures for w in workers}
     for _ in range(repeats):

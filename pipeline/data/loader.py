@@ -8,6 +8,7 @@ trainer can sum them across workers and ranks.
 from __future__ import annotations
 
 import random
+import signal
 from collections import Counter
 from typing import Callable, Iterator, Literal
 
@@ -16,20 +17,20 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
-from pipeline.data.decode import Skip, decode_sample
+from pipeline.data.decode import decode_sample
 from pipeline.data.sources import epoch_urls, expand_spec, resampled_urls, shard_sizes
-
-MODALITIES = ("image", "text", "audio")
+from pipeline.modalities.base import Skip
+from pipeline.registry import MODALITIES
 
 
 def _register_fsspec_schemes() -> None:
-    """s3:// and gs:// shards open through fsspec (webdataset itself handles local, pipe: and http)."""
+    """s3://, gs:// and hf:// shards open through fsspec (webdataset itself handles local, pipe: and http)."""
     import sys
 
     import fsspec
 
     schemes = sys.modules["webdataset.gopen"].gopen_schemes
-    for scheme in ("s3", "gs"):
+    for scheme in ("s3", "gs", "hf"):
         schemes[scheme] = lambda url, mode="rb", bufsize=8192: fsspec.open(url, mode).open()
 
 
@@ -52,6 +53,66 @@ def count_short_shards(samples: Iterator[dict], sizes: dict[str, int], skipped: 
     close()
 
 
+class NoData(Exception):
+    """The shards this worker reads give no usable sample: stop the run instead of looping."""
+
+
+class NoDataGuard:
+    """Counts shard reads that gave no sample and samples skipped in a row; past a bound it raises NoData.
+
+    Resampled streams are infinite, so a source that yields nothing (empty or unreadable tars, every
+    sample corrupt) would otherwise make a run wait for its first batch for ever.
+    """
+
+    def __init__(self, max_empty_shards: int, max_skips: int, skipped: Counter):
+        self.max_empty_shards, self.max_skips, self.counts = max_empty_shards, max_skips, skipped
+        self.empty_in_a_row: list[str] = []
+        self.skips_in_a_row, self.skip_urls = 0, []
+        self.shards_read = 0
+        self.totals: Counter = Counter()  # since the stream started (`counts` is emptied at every batch)
+
+    def read(self, urls: Iterator[dict]) -> Iterator[dict]:
+        """Raw samples, shard by shard, so a shard that gives none is noticed."""
+        def on_read_error(exc: Exception) -> bool:
+            reason = f"read_error_{type(exc).__name__}"
+            self.counts[reason] += 1
+            self.totals[reason] += 1
+            return True  # continue with the next member/shard
+
+        for source in urls:
+            self.shards_read += 1
+            n = 0
+            for raw in wds.tarfile_to_samples(handler=on_read_error)([source]):
+                n += 1
+                yield raw
+            self.empty_in_a_row = [] if n else self.empty_in_a_row + [source["url"]]
+            if len(self.empty_in_a_row) >= self.max_empty_shards:
+                raise NoData(f"{len(self.empty_in_a_row)} shard reads in a row gave no sample "
+                             f"(data.max_empty_shards={self.max_empty_shards}): {self._names(self.empty_in_a_row)}; "
+                             f"{self._reasons()}; check that these tars are complete and hold samples")
+
+    def skipped(self, reason: str, url: str | None) -> None:
+        self.counts[reason] += 1
+        self.totals[reason] += 1
+        self.skips_in_a_row += 1
+        if url and url not in self.skip_urls:
+            self.skip_urls.append(url)
+        if self.skips_in_a_row >= self.max_skips:
+            raise NoData(f"{self.skips_in_a_row} samples in a row were skipped (data.max_skips_in_a_row="
+                         f"{self.max_skips}) from {self._names(self.skip_urls)}; {self._reasons()}")
+
+    def used(self) -> None:
+        self.skips_in_a_row, self.skip_urls = 0, []
+
+    @staticmethod
+    def _names(urls: list[str]) -> str:
+        unique = list(dict.fromkeys(urls))
+        return ", ".join(unique[:3]) + (f" and {len(unique) - 3} more" if len(unique) > 3 else "")
+
+    def _reasons(self) -> str:
+        return "skipped by reason: " + (", ".join(f"{k}={v}" for k, v in sorted(self.totals.items())) or "none")
+
+
 class ShardStream(IterableDataset):
     def __init__(self, cfg: DataConfig, spec: str, weights, modalities: list[str], preprocess: dict[str, Callable],
                  train: bool, resampled: bool, rank: int, world_size: int, seed: int, start_step: int,
@@ -61,7 +122,8 @@ class ShardStream(IterableDataset):
         self.train, self.resampled = train, resampled
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_step, self.epoch, self.local_batch = start_step, epoch, local_batch
-        self.extensions = {m: getattr(cfg, m).extensions for m in modalities}
+        self.sections = {m: cfg.modality(m) for m in modalities}
+        self.kinds = {m: MODALITIES.get(m, "data").obj for m in modalities}
         self.sizes = shard_sizes([u for s in self.sources for u in s.urls])
         self.negatives = cfg.hard_negatives if train else None
 
@@ -80,12 +142,14 @@ class ShardStream(IterableDataset):
             if hasattr(p, "rng"):
                 p.rng.seed(rng.random())
         skipped: Counter = Counter()
+        guard = NoDataGuard(self.cfg.max_empty_shards, self.cfg.max_skips_in_a_row, skipped)
+        try:
+            yield from self._batches(self._urls(worker, workers), rng, skipped, guard)
+        except NoData as exc:  # handed to the trainer as a record: worker exceptions reach it as tracebacks
+            yield {"fatal": str(exc)}
 
-        def on_read_error(exc: Exception) -> bool:
-            skipped[f"read_error_{type(exc).__name__}"] += 1
-            return True  # continue with the next member/shard
-
-        samples = wds.tarfile_to_samples(handler=on_read_error)(self._urls(worker, workers))
+    def _batches(self, urls, rng: random.Random, skipped: Counter, guard: "NoDataGuard") -> Iterator[dict]:
+        samples = guard.read(urls)
         samples = count_short_shards(samples, self.sizes, skipped)
         if self.train and self.cfg.shuffle_buffer > 1:
             samples = wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng)(samples)
@@ -96,8 +160,9 @@ class ShardStream(IterableDataset):
             try:
                 batch.append(self._prepare(raw, rng))
             except Skip as skip:
-                skipped[skip.reason] += 1
+                guard.skipped(skip.reason, raw.get("__url__"))
                 continue
+            guard.used()
             if len(batch) == self.local_batch:
                 if pending is not None:
                     yield pending
@@ -108,13 +173,16 @@ class ShardStream(IterableDataset):
                 yield pending
             pending = self._collate(batch, skipped)
             skipped.clear()
+        elif batch:  # training takes full batches only: what is left at the end of a finite stream is counted
+            skipped["partial_last_batch"] += len(batch)
         if pending is not None:
             pending["skipped"] = dict(Counter(pending["skipped"]) + skipped)
             yield pending
+        elif skipped or guard.shards_read:  # a finite stream that made no batch still reports what it saw
+            yield {"skipped": dict(skipped), "shards": guard.shards_read}
 
     def _prepare(self, raw: dict, rng: random.Random) -> dict:
-        neg_ext = self.negatives.extension if self.negatives else None
-        sample = decode_sample(raw, self.extensions, self.cfg.text.json_key, neg_ext)
+        sample = decode_sample(raw, self.sections, self.negatives)
         present = [m for m in self.modalities if m in sample]
         if not present:
             raise Skip("no_modalities")
@@ -122,11 +190,8 @@ class ShardStream(IterableDataset):
             raise Skip("missing_" + next(m for m in self.modalities if m not in sample))
         out = {"key": sample["key"], "label": sample.get("label", -1)}
         for m in present:
-            value = sample[m]
-            if m == "text":  # several captions: a random one to train on, the first to evaluate
-                value = rng.choice(value) if self.train else value[0]
             try:
-                out[m] = self.preprocess[m](value)
+                out[m] = self.preprocess[m](self.kinds[m].select(sample[m], rng, self.train))
             except Exception as exc:  # a transform failing on one sample must not stop the stream
                 raise Skip(f"bad_{m}") from exc
         if self.negatives:
@@ -134,19 +199,29 @@ class ShardStream(IterableDataset):
             if not negs:
                 raise Skip("missing_negatives")
             negs = (negs * self.negatives.k)[: self.negatives.k]
-            out["text_neg"] = self.preprocess["text"](negs)
+            out[f"{self.negatives.modality}_neg"] = torch.stack([self.preprocess[self.negatives.modality](v)
+                                                                 for v in negs])
         return out
 
     def _collate(self, items: list[dict], skipped: Counter) -> dict:
         batch = {"key": [it["key"] for it in items], "label": torch.tensor([it["label"] for it in items]),
                  "mask": {}, "skipped": dict(skipped)}
         for m in self.modalities:
-            proto = torch.zeros(self.preprocess[m].shape, dtype=torch.long if m == "text" else torch.float32)
-            batch[m] = torch.stack([it.get(m, proto) for it in items])
+            pre = self.preprocess[m]
+            placeholder = torch.zeros(pre.shape, dtype=pre.dtype)
+            batch[m] = torch.stack([it.get(m, placeholder) for it in items])
             batch["mask"][m] = torch.tensor([m in it for it in items])
         if self.negatives:
-            batch["text_neg"] = torch.stack([it["text_neg"] for it in items])
+            key = f"{self.negatives.modality}_neg"
+            batch[key] = torch.stack([it[key] for it in items])
         return batch
+
+
+def _leave_signals_to_main(_worker_id: int) -> None:
+    """Workers ignore stop signals (Ctrl-C reaches the whole process group, Slurm signals every process):
+    the main process decides when to stop and shuts its workers down."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_loader(cfg: DataConfig, *, split: Literal["train", "val"], modalities: list[str],
@@ -165,4 +240,5 @@ def build_loader(cfg: DataConfig, *, split: Literal["train", "val"], modalities:
                          epoch, cfg.batch_size // world_size)
     generator = torch.Generator().manual_seed(hash((seed, rank, start_step, epoch)) % 2**62)
     return DataLoader(stream, batch_size=None, num_workers=cfg.workers, generator=generator,
-                      persistent_workers=False, prefetch_factor=2 if cfg.workers else None)
+                      persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+                      worker_init_fn=_leave_signals_to_main if cfg.workers else None)

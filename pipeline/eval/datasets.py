@@ -8,11 +8,11 @@ from typing import Callable, Iterator, Optional
 import torch
 import webdataset as wds
 
-from pipeline.data.decode import Skip, decode_sample
+from pipeline.data.decode import decode_sample
 from pipeline.data.sources import expand_spec
 from pipeline.errors import UserError
-
-EXTENSIONS = {"image": ["webp", "png", "jpg", "jpeg"], "audio": ["flac", "wav", "mp3", "ogg"], "text": ["txt"]}
+from pipeline.modalities.base import Skip
+from pipeline.registry import MODALITIES
 
 
 @dataclass
@@ -63,12 +63,13 @@ def iter_batches(eval_set: EvalSet, modalities: list[str], preprocess: dict[str,
         return True
 
     batch: list[dict] = []
-    extensions = {m: EXTENSIONS[m] for m in modalities if m != "text"}
+    # each modality's own default members; captions are read for retrieval (classification uses class names)
+    sections = {m: MODALITIES.get(m, "--modality").config() for m in modalities if m != "text"}
     if eval_set.kind == "retrieval":
-        extensions["text"] = EXTENSIONS["text"]
+        sections["text"] = MODALITIES.get("text", "eval").config()
     for raw in wds.tarfile_to_samples(handler=on_error)({"url": u} for u in eval_set.urls):
         try:
-            sample = decode_sample(raw, extensions)
+            sample = decode_sample(raw, sections)
             item = {m: preprocess[m](sample[m]) for m in modalities if m != "text"}
         except (Skip, KeyError) as exc:
             reason = exc.reason if isinstance(exc, Skip) else f"missing_{exc.args[0]}"

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
+from pipeline.modalities.image import ImagePreprocess
+from pipeline.modalities.text import TextPreprocess
 from pipeline.models.clip import MultiModalCLIP
-from pipeline.models.towers import ImagePreprocess, TextPreprocess, Tower
+from pipeline.models.towers import Tower
 
 OPEN_CLIP = "open_clip:"
 LOCAL_DIR = "local-dir:"

@@ -21,9 +21,9 @@ def add_eval_args(p) -> None:
                         "export, or open_clip:ARCH@WEIGHTS.safetensors (see README 'Evaluate any model')")
     p.add_argument("--task", choices=TASKS, default="zeroshot_classification")
     p.add_argument("--dataset", required=True, help="CLIP_benchmark wds root (ROOT/test/*.tar) or a shard spec")
-    p.add_argument("--modality", choices=["image", "audio"], default="image",
-                   help="the query modality (for symile: image+audio -> text)")
-    p.add_argument("--target", choices=["text", "image", "audio"], default="text",
+    p.add_argument("--modality", default="image",
+                   help="the query modality, any registered one (for symile: image+audio -> text)")
+    p.add_argument("--target", default="text",
                    help="retrieval candidates: text captions (default) or the paired clip of another modality, "
                         "e.g. --modality image --target audio on shards that hold both")
     p.add_argument("--templates", choices=["dataset", "openai", "simple"], default="dataset",
@@ -43,14 +43,15 @@ def _templates(choice: str, eval_set) -> list[str]:
 @torch.no_grad()
 def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size: int = 256,
              templates: str = "dataset", device="cpu", target: str = "text") -> dict:
-    from pipeline.data.preprocess import TextTokenizer
+    from pipeline.modalities.text import TextTokenizer
     from pipeline.models.preprocess import tower_preprocessors
 
     eval_set = open_eval_set(dataset, task)
     paired = task == "zeroshot_retrieval" and target != "text"
     if paired and target == modality:
         raise UserError(f"--modality and --target are both {modality}; pick two different modalities")
-    needed = ["image", "audio"] if task == "symile_classification" else [modality] + ([target] if paired else [])
+    queries = sorted(m for m in model.towers if m != "text")  # Symile scores every query modality jointly
+    needed = queries if task == "symile_classification" else [modality] + ([target] if paired else [])
     missing = [m for m in needed + ["text"] if m not in model.towers]
     if missing:
         raise UserError(f"{task} on {dataset} needs a {missing[0]} tower; the model has {sorted(model.towers)}")
@@ -82,9 +83,9 @@ def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size
                                       device).cpu()
         if task == "zeroshot_classification":
             metrics = classification_metrics(F.normalize(feats[modality], dim=-1), classifier, labels)
-        else:  # Symile: multilinear score <image ⊙ audio, text> next to the pairwise sum
-            joint = classification_metrics(feats["image"] * feats["audio"], classifier, labels)
-            pairwise = classification_metrics(feats["image"] + feats["audio"], classifier, labels)
+        else:  # Symile: multilinear score <image ⊙ audio ⊙ ..., text> next to the pairwise sum
+            joint = classification_metrics(torch.stack([feats[m] for m in queries]).prod(0), classifier, labels)
+            pairwise = classification_metrics(torch.stack([feats[m] for m in queries]).sum(0), classifier, labels)
             metrics = {**joint, **{f"pairwise_{k}": v for k, v in pairwise.items()}}
     metrics["samples"] = int(len(labels))
     if eval_set.skipped:

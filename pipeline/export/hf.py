@@ -164,12 +164,12 @@ def _dual_encoder(model, model_cfg):
     return VisionTextDualEncoderModel(config), state
 
 
-def _write_audio(model, model_cfg, out: Path, announce) -> None:
+def _write_audio(model, model_cfg, out: Path, final: Path, announce) -> None:
     tower = model.towers[AUDIO]
     if tower.kind != "hf_audio":
-        folder = write_extra_tower(model, model_cfg, AUDIO, out / EXTRA / AUDIO)
-        announce(f"note: the {tower.kind} audio tower is not a transformers model; written to {folder}/ "
-                 f"(tower.safetensors + tower.yaml, as in the open_clip export)")
+        write_extra_tower(model, model_cfg, AUDIO, out / EXTRA / AUDIO)
+        announce(f"note: the {tower.kind} audio tower is not a transformers model; written to "
+                 f"{final / EXTRA / AUDIO}/ (tower.safetensors + tower.yaml, as in the open_clip export)")
         return
     encoder, folder = tower.encoder, out / AUDIO
     encoder.backbone.save_pretrained(folder)
@@ -188,12 +188,14 @@ def _write_audio(model, model_cfg, out: Path, announce) -> None:
         "frames": encoder.frames,
         "pooling": "pooler_output if the model returns one, else last_hidden_state averaged over frames",
         "embedding": "pooled @ projection.weight.T"}, indent=2))
-    announce(f"note: the transformers audio tower ({encoder.backbone.config.model_type}) is written to {folder}/ "
-             f"({loader}.from_pretrained loads it; projection.safetensors and frontend.json beside it)")
+    announce(f"note: the transformers audio tower ({encoder.backbone.config.model_type}) is written to "
+             f"{final / AUDIO}/ ({loader}.from_pretrained loads it; projection.safetensors and frontend.json beside it)")
 
 
-def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None = None, announce=print) -> Path:
-    """Write the model, its processor and a model card; returns the folder."""
+def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None = None, announce=print,
+              final_dir: str | Path | None = None) -> Path:
+    """Write the model, its processor and a model card into `out_dir`; `final_dir` is where it will be read
+    from, if it is moved there after (what the command says)."""
     from transformers import CLIPProcessor, VisionTextDualEncoderProcessor
 
     towers = model.towers
@@ -216,6 +218,7 @@ def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None =
         raise UserError(f"--format hf: {target} has no place for {unexpected[:3]} / lacks {missing[:3]}; "
                         f"use --format open_clip")
     out = Path(out_dir).resolve()
+    final = Path(final_dir).resolve() if final_dir else out
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(out)
     image_processor = _image_processor(towers["image"].preprocess)
@@ -228,13 +231,13 @@ def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None =
     else:
         tokenizer = write_clip_tokenizer(out, text.preprocess.context_length)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    announce(f"transformers {target}: {out}  ({target}.from_pretrained(DIR), "
+    announce(f"transformers {target}: {final}  ({target}.from_pretrained(DIR), "
              f"AutoProcessor.from_pretrained(DIR, backend=\"pil\"))")
     if model.logit_bias is not None:
         announce(f"note: trained with the sigmoid loss: CLIPModel has no logit bias, so it is written to "
                  f"config.json as logit_bias={model.logit_bias.item():.4f} (and README.md); "
                  f"pair probability = sigmoid(logit_scale.exp() * cos + logit_bias)")
     if AUDIO in towers:
-        _write_audio(model, model_cfg, out, announce)
-    write_model_card(out, model, model_cfg, target, _logit_scale(model), source)
+        _write_audio(model, model_cfg, out, final, announce)
+    write_model_card(out, final.name, model, model_cfg, target, _logit_scale(model), source)
     return out

@@ -53,12 +53,12 @@ def eval_results(run_dir: Path | None) -> dict[str, dict]:
     return results
 
 
-def write_model_card(out: Path, model, model_cfg, target: str, logit_scale: float, source=None) -> Path:
+def write_model_card(out: Path, title: str, model, model_cfg, target: str, logit_scale: float, source=None) -> Path:
     run_dir = run_dir_of(source)
     loss = None
     if run_dir is not None:
         loss = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("loss", {}).get("kind")
-    lines = [f"# {out.name}", "", f"Exported by mmclip from `{source}` as a transformers `{target}`.", "",
+    lines = [f"# {title}", "", f"Exported by mmclip from `{source}` as a transformers `{target}`.", "",
              "```python", f"from transformers import {target}, AutoProcessor",
              f"model = {target}.from_pretrained(PATH)",
              "processor = AutoProcessor.from_pretrained(PATH, backend=\"pil\")  # the PIL backend matches training",

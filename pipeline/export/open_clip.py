@@ -14,15 +14,15 @@ from pipeline.errors import UserError
 CONFIG, WEIGHTS, EXTRA = "open_clip_config.json", "open_clip_model.safetensors", "extra_towers"
 
 
-def copy_hf_text(tower, folder: Path) -> dict:
+def copy_hf_text(tower, folder: Path, final: Path) -> dict:
     """A transformers text tower built from a local path: its config + tokenizer go into the export folder
-    itself, where open_clip's `local-dir:` tokenizer looks for them."""
+    itself, where open_clip's `local-dir:` tokenizer looks for them (`final`: where that folder will live)."""
     from transformers import AutoTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     tower.encoder.config.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tower.preprocess.hf_tokenizer).save_pretrained(folder)
-    return {**tower.export_cfg, "hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
+    return {**tower.export_cfg, "hf_model_name": str(final), "hf_tokenizer_name": str(final),
             "hf_model_pretrained": False}
 
 
@@ -51,7 +51,8 @@ def open_clip_config(model, model_cfg) -> dict:
     return {"model_cfg": cfg, "preprocess_cfg": preprocess}
 
 
-def export_open_clip(model, model_cfg, out_dir: str | Path, announce=print) -> Path:
+def export_open_clip(model, model_cfg, out_dir: str | Path, announce=print, final_dir: str | Path | None = None) -> Path:
+    """Write the export into `out_dir`; `final_dir` is where it will be read from, if it is moved there after."""
     for modality in ("image", "text"):
         tower = model.towers[modality] if modality in model.towers else None
         if tower is None or tower.export_cfg is None:  # e.g. a model of image + audio only
@@ -59,15 +60,16 @@ def export_open_clip(model, model_cfg, out_dir: str | Path, announce=print) -> P
             raise UserError(f"open_clip export needs open_clip/timm image and open_clip text towers; this model has "
                             f"{kind} {modality} tower; use --format safetensors")
     out = Path(out_dir).resolve()
+    final = Path(final_dir).resolve() if final_dir else out
     extra = [m for m in model.towers if m not in ("image", "text")]
     if extra:  # said first, before any file is written
         announce(f"note: open_clip cannot express the {', '.join(extra)} tower(s); they are written to "
-                 f"{out / EXTRA}/<modality>/ (tower.safetensors + tower.yaml), not into the open_clip model")
+                 f"{final / EXTRA}/<modality>/ (tower.safetensors + tower.yaml), not into the open_clip model")
     config = open_clip_config(model, model_cfg)
     if model.towers["text"].kind == "hf_text":
-        announce(f"note: the transformers text tower's config.json and tokenizer are written into {out}; "
+        announce(f"note: the transformers text tower's config.json and tokenizer are written into {final}; "
                  f"open_clip_config.json names that absolute path as hf_model_name, so re-export after moving it")
-        config["model_cfg"]["text_cfg"] = copy_hf_text(model.towers["text"], out)
+        config["model_cfg"]["text_cfg"] = copy_hf_text(model.towers["text"], out, final)
     out.mkdir(parents=True, exist_ok=True)
     save_file(open_clip_state_dict(model), str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(config, indent=2))

@@ -1,10 +1,16 @@
 """Symmetric InfoNCE (CLIP), optionally with hard negatives and DiHT's HN-NCE weighting."""
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
+import torch
+from pydantic import Field
+
+from pipeline.config import LossSection
+from pipeline.losses.base import PairwiseLoss
 from pipeline.losses.distributed import gather_with_grad, global_sum
 from pipeline.losses.tiled import DEFAULT_CHUNK, LogDenominators
+from pipeline.registry import LOSSES
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, chunk_size: int | None = None,
@@ -24,3 +30,17 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, ch
                                          chunk_size or DEFAULT_CHUNK, group)
     local = 0.5 * denominators - positives.to(denominators.dtype).sum()
     return (global_sum(local, group) / b_all.shape[0]).to(a.dtype)
+
+
+class ClipConfig(LossSection):
+    kind: Literal["clip"] = "clip"
+    hard_negative_alpha: float = Field(1.0, ge=0, description="HN-NCE α: weight of the positive (1 = InfoNCE)")
+    hard_negative_beta: float = Field(0.0, ge=0, description="HN-NCE β: hardness weighting (0 = InfoNCE)")
+
+
+@LOSSES.register("clip", config=ClipConfig)
+class ClipLoss(PairwiseLoss):
+    def pair_loss(self, a, b, negatives, features):
+        return clip_loss(a, b, features["logit_scale"], chunk_size=self.cfg.chunk_size, hard_negatives=negatives,
+                         hard_negative_alpha=self.cfg.hard_negative_alpha,
+                         hard_negative_beta=self.cfg.hard_negative_beta, group=self.group)

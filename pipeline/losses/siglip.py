@@ -1,10 +1,16 @@
 """Sigmoid pairwise loss (SigLIP), tiled: every pair is an independent binary decision."""
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from pipeline.config import LossSection
+from pipeline.errors import UserError
+from pipeline.losses.base import PairwiseLoss
 from pipeline.losses.distributed import gather_with_grad, global_sum
 from pipeline.losses.tiled import DEFAULT_CHUNK, SigmoidPairs
+from pipeline.registry import LOSSES
 
 
 def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
@@ -18,3 +24,16 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
     b_all = gather_with_grad(b, group)
     local = SigmoidPairs.apply(a, b_all, logit_scale, logit_bias, hard_negatives, chunk_size or DEFAULT_CHUNK, group)
     return (global_sum(local, group) / b_all.shape[0]).to(a.dtype)
+
+
+class SiglipConfig(LossSection):
+    kind: Literal["siglip"] = "siglip"
+
+
+@LOSSES.register("siglip", config=SiglipConfig, needs_logit_bias=True)
+class SiglipLoss(PairwiseLoss):
+    def pair_loss(self, a, b, negatives, features):
+        if features.get("logit_bias") is None:
+            raise UserError("loss.kind 'siglip' needs a logit bias: set model.init_logit_bias (SigLIP uses -10)")
+        return siglip_loss(a, b, features["logit_scale"], features["logit_bias"], chunk_size=self.cfg.chunk_size,
+                           hard_negatives=negatives, group=self.group)

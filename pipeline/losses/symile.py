@@ -1,12 +1,15 @@
 """Symile: contrastive learning over 3+ modalities with the multilinear inner product."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 
+from pipeline.config import LossSection
+from pipeline.losses.base import ContrastiveLoss, modalities_of
 from pipeline.losses.distributed import gather_with_grad, global_sum
 from pipeline.losses.tiled import DEFAULT_CHUNK, LogDenominators, TupleLogDenominators
+from pipeline.registry import LOSSES
 
 
 def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, negatives: str = "n",
@@ -44,3 +47,20 @@ def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, 
         loss = dens - positives.to(dens.dtype).sum()
         total = loss if total is None else total + loss
     return (global_sum(total, group) / (n_global * len(features))).to(features[0].dtype)
+
+
+class SymileConfig(LossSection):
+    kind: Literal["symile"] = "symile"
+    negatives: Literal["n", "n_squared"] = "n"
+
+
+@LOSSES.register("symile", config=SymileConfig)
+class SymileLoss(ContrastiveLoss):
+    """All modalities jointly. The row permutations of `negatives: n` come from a generator seeded by
+    (seed, step): the same on every rank and after a resume."""
+
+    def forward(self, features: dict, step: int = 0) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return symile_loss([features[m] for m in modalities_of(features)], features["logit_scale"],
+                           negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size, generator=generator,
+                           group=self.group)

@@ -1,4 +1,4 @@
-"""MultiModalCLIP: any subset of {image, text, audio} towers in one shared embedding space."""
+"""MultiModalCLIP: towers of any registered modalities in one shared embedding space."""
 from __future__ import annotations
 
 import math
@@ -42,14 +42,12 @@ class MultiModalCLIP(nn.Module):
         features = self.towers[modality](x)
         return F.normalize(features, dim=-1) if normalize else features
 
+    # open_clip's API, for code written against it (image and text are what that format defines)
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.encode("image", images, normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.encode("text", tokens, normalize)
-
-    def encode_audio(self, waveform: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.encode("audio", waveform, normalize)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Normalised features per modality for a batch dict (see pipeline.data.loader).

@@ -5,6 +5,7 @@ Training checkpoints (DeepSpeed) carry a consolidated copy in this format too.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -13,10 +14,12 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.integrity import MANIFEST, newest_verified, verify
 from pipeline.models.clip import MultiModalCLIP, build_model
 
 WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model_config.yaml"
+CHECKPOINT_TAG = re.compile(r"step_\d{8}")
 
 
 def save_model(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_dir: str | Path) -> Path:
@@ -36,21 +39,35 @@ def save_model(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out_
     return out
 
 
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """A run directory's finished checkpoints `checkpoints/step_NNNNNNNN/`, oldest first (not `.tmp` saves in
+    progress, not `.old` ones being replaced); whether their files are intact is for `verify` to say."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*")
+                  if CHECKPOINT_TAG.fullmatch(p.name) and (p / MANIFEST).is_file())
+
+
 def resolve_weights_dir(path: str | Path) -> Path:
-    """A run directory, a checkpoint directory or an export directory -> the folder holding the weights."""
+    """A run directory (its newest checkpoint that verifies), a checkpoint directory (verified) or an export
+    directory -> the folder holding the weights."""
     p = Path(path)
+    if (p / MANIFEST).is_file():  # a checkpoint: trusted only if its files are what was saved
+        reason = verify(p)
+        if reason:
+            newest = newest_verified(checkpoints_of(p.parent.parent), announce=lambda line: None)
+            hint = f"; the newest one that verifies is {newest}" if newest else ""
+            raise UserError(f"{p}: checkpoint fails verification ({reason}){hint}")
+        return p
     if (p / WEIGHTS).is_file() and (p / MODEL_CONFIG).is_file():
         return p
-    latest = p / "checkpoints" / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        candidate = p / "checkpoints" / tag
-        if (candidate / WEIGHTS).is_file():
-            return candidate
+    if (p / "checkpoints").is_dir():
+        found = newest_verified(checkpoints_of(p))
+        if found:
+            return found
+        raise UserError(f"{p}: no checkpoint under {p / 'checkpoints'} verifies; resume training to write one")
     if not p.exists():
         raise UserError(f"{p}: no such run directory, checkpoint or export")
-    raise UserError(f"{p}: found no {WEIGHTS} + {MODEL_CONFIG} (nor checkpoints/latest pointing to them); "
-                    f"pass a run directory, a checkpoint directory or an `mmclip export --format safetensors` folder")
+    raise UserError(f"{p}: found no {WEIGHTS} + {MODEL_CONFIG} (nor checkpoints); pass a run directory, a "
+                    f"checkpoint directory or an `mmclip export --format safetensors` folder")
 
 
 def load_model(path: str | Path) -> tuple[MultiModalCLIP, ModelConfig]:
@@ -61,7 +78,11 @@ def load_model(path: str | Path) -> tuple[MultiModalCLIP, ModelConfig]:
     except Exception as exc:
         raise UserError(f"{folder / MODEL_CONFIG}: not a valid model config ({exc})") from None
     model = build_model(model_cfg)
-    state = load_file(str(folder / WEIGHTS))
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as exc:  # safetensors raises its own types for truncated or damaged files
+        raise UserError(f"{folder / WEIGHTS}: not a readable safetensors file ({exc}); re-export it, or pass the "
+                        f"run directory to use its newest checkpoint that verifies") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{folder / WEIGHTS}: weights do not match {MODEL_CONFIG}: missing {missing[:3]}, "

@@ -1,4 +1,4 @@
-"""Tower registry: a config names a tower kind, the registry builds it.
+"""Towers: a config names a tower kind, the registry (pipeline.registry.TOWERS) builds it.
 
 Image and open_clip text towers are built with open_clip's own builders so that exporting to
 open_clip is a key rename, not a re-implementation. Every tower maps its input to
@@ -6,38 +6,20 @@ open_clip is a key rename, not a re-implementation. Every tower maps its input t
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from dataclasses import asdict
+from typing import Optional
 
 import torch
 from torch import nn
 
 from pipeline.config import TowerConfig
 from pipeline.errors import UserError
+from pipeline.modalities.audio import AudioPreprocess
+from pipeline.modalities.image import ImagePreprocess
+from pipeline.modalities.text import TextPreprocess
+from pipeline.registry import TOWERS
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
-
-
-@dataclass
-class ImagePreprocess:
-    image_size: int
-    mean: tuple = OPENAI_MEAN
-    std: tuple = OPENAI_STD
-    interpolation: str = "bicubic"
-    resize_mode: str = "shortest"
-
-
-@dataclass
-class TextPreprocess:
-    context_length: int
-    hf_tokenizer: Optional[str] = None  # local path of a transformers tokenizer; None = open_clip BPE
-
-
-@dataclass
-class AudioPreprocess:
-    sample_rate: int
 
 
 class Tower(nn.Module):
@@ -61,6 +43,8 @@ def _split_preprocess(options: dict) -> tuple[dict, dict]:
     return model_opts, {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in PREPROCESS_KEYS}
 
 
+@TOWERS.register("timm", modality="image")
+@TOWERS.register("open_clip_vision", modality="image")
 def _open_clip_vision(cfg: TowerConfig, embed_dim: int) -> Tower:
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
@@ -75,6 +59,8 @@ def _open_clip_vision(cfg: TowerConfig, embed_dim: int) -> Tower:
     return Tower(cfg.kind, encoder, ImagePreprocess(image_size=size, **pre), _set_fields(vision_cfg))
 
 
+@TOWERS.register("open_clip_text", modality="text")
+@TOWERS.register("hf_text", modality="text")
 def _open_clip_text(cfg: TowerConfig, embed_dim: int) -> Tower:
     from open_clip.model import CLIPTextCfg, _build_text_tower
 
@@ -116,13 +102,14 @@ class MelEncoder(nn.Module):
 
 
 def _frontend(opts: dict) -> tuple[nn.Module, int]:
-    from pipeline.data.audio_features import LogMel
+    from pipeline.models.audio_features import LogMel
 
     sample_rate = int(opts.pop("sample_rate", 16000))
     mel_keys = ("n_fft", "hop_length", "n_mels", "f_min", "f_max")
     return LogMel(sample_rate=sample_rate, **{k: opts.pop(k) for k in mel_keys if k in opts}), sample_rate
 
 
+@TOWERS.register("timm_audio", modality="audio")
 def _timm_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
     import timm
 
@@ -138,6 +125,7 @@ def _timm_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
     return Tower(cfg.kind, encoder, AudioPreprocess(sample_rate))
 
 
+@TOWERS.register("hf_audio", modality="audio")
 def _hf_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
     """AST or a Whisper encoder built from a transformers config (random init), fed by our log-mel."""
     from transformers import AutoConfig, AutoModel
@@ -180,24 +168,12 @@ def _dataclass_from(cls, opts: dict, where: str):
     return cls(**opts)
 
 
-TOWER_BUILDERS: dict[str, Callable[[TowerConfig, int], Tower]] = {
-    "timm": _open_clip_vision,
-    "open_clip_vision": _open_clip_vision,
-    "open_clip_text": _open_clip_text,
-    "hf_text": _open_clip_text,
-    "timm_audio": _timm_audio,
-    "hf_audio": _hf_audio,
-}
-TOWER_MODALITY = {"timm": "image", "open_clip_vision": "image", "open_clip_text": "text", "hf_text": "text",
-                  "timm_audio": "audio", "hf_audio": "audio"}
-
-
 def build_tower(modality: str, cfg: TowerConfig, embed_dim: int) -> Tower:
     """Build the tower named by `cfg.kind` and load `cfg.pretrained` (see pipeline.models.pretrained) if given."""
-    if TOWER_MODALITY[cfg.kind] != modality:
-        raise UserError(f"model.towers.{modality}.kind: {cfg.kind!r} is a {TOWER_MODALITY[cfg.kind]} tower, "
-                        f"not {modality}; allowed: {[k for k, m in TOWER_MODALITY.items() if m == modality]}")
-    tower = TOWER_BUILDERS[cfg.kind](cfg, embed_dim)
+    entry = TOWERS.get(cfg.kind, f"model.towers.{modality}.kind")
+    if entry.info["modality"] != modality:
+        raise UserError(f"model.towers.{modality}.kind: {cfg.kind!r} is a {entry.info['modality']} tower, not {modality}")
+    tower = entry.obj(cfg, embed_dim)
     if cfg.pretrained:
         from pipeline.models.pretrained import load_pretrained
 

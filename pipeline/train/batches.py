@@ -7,8 +7,10 @@ in step) and the position (epoch, batches taken) is checkpointed and restored by
 """
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable
+from typing import Callable, Iterator
 
 from pipeline.config import DataConfig
 from pipeline.data.sources import expand_spec, shard_sizes
@@ -30,36 +32,73 @@ def epoch_batches(cfg: DataConfig) -> int:
     return total // cfg.batch_size
 
 
+@dataclass
+class Tally:
+    """What loader records that are not batches reported: skips still to hand on, and this epoch's totals."""
+
+    pending: Counter = field(default_factory=Counter)
+    epoch: Counter = field(default_factory=Counter)
+    shards: int = 0
+
+
+def only_batches(records, tally: Tally) -> Iterator[dict]:
+    """Loader records that are not batches (a fatal error, the tally of a worker that made no batch) are acted
+    on here, so the loop and the epoch count only ever see batches. A module function, not a method: the
+    stream must not be part of a reference cycle, or its loader workers outlive the run until a gc pass."""
+    for record in records:
+        if "fatal" in record:
+            raise UserError(record["fatal"])
+        if "shards" in record:
+            tally.pending.update(record["skipped"])
+            tally.epoch.update(record["skipped"])
+            tally.shards += record["shards"]
+            continue
+        yield record
+
+
 class BatchStream:
-    def __init__(self, cfg: DataConfig, make_loader: Callable[[int, int], object], step: int, epoch: int = 0,
-                 taken: int = 0):
+    def __init__(self, cfg: DataConfig, make_loader: Callable[[int, int], object], world_size: int, step: int,
+                 epoch: int = 0, taken: int = 0):
         self.cfg, self.make_loader = cfg, make_loader
         self.per_epoch = None if cfg.resampled else epoch_batches(cfg)
         self.epoch, self.taken = epoch, taken
+        self.local_batch = cfg.batch_size // world_size
+        self.tally = Tally()
         if cfg.resampled:
             self.restart(step)
         else:  # an epoch's stream does not depend on the step: rebuild it and skip what was taken
-            self.it = islice(iter(make_loader(0, epoch)), taken, self.per_epoch)
+            self.it = islice(only_batches(make_loader(0, epoch), self.tally), taken, self.per_epoch)
 
     def restart(self, step: int) -> None:
         """Reseed a resampled stream at `step` (done at every checkpoint, so resumes see the same data)."""
         if self.cfg.resampled:
-            self.it = iter(self.make_loader(step, self.epoch))
+            self.it = only_batches(self.make_loader(step, self.epoch), self.tally)
 
     def __next__(self) -> dict:
         if self.per_epoch is not None and self.taken >= self.per_epoch:
             self._next_epoch()
-        try:
-            batch = next(self.it)
-        except StopIteration:  # this rank ran short (skipped samples): start the next epoch early
+        batch = next(self.it, None)
+        if batch is None:  # this rank ran short (skipped samples): start the next epoch early
             self._next_epoch()
-            batch = next(self.it)
+            batch = next(self.it, None)
+            if batch is None:
+                reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.tally.epoch.items())) or "none"
+                raise UserError(f"data.train gave no batch of {self.local_batch} samples on this rank in epochs "
+                                f"{self.epoch - 1} and {self.epoch} ({self.tally.shards} shard reads in the last; "
+                                f"skipped by reason: {reasons}); check the shards or lower data.batch_size")
+        batch["skipped"] = dict(Counter(batch.get("skipped", {})) + self.tally.pending)
+        self.tally.pending.clear()
         self.taken += 1
         return batch
 
     def _next_epoch(self) -> None:
         self.epoch, self.taken = self.epoch + 1, 0
-        self.it = islice(iter(self.make_loader(0, self.epoch)), self.per_epoch)
+        self.tally.epoch, self.tally.shards = Counter(), 0
+        self.it = islice(only_batches(self.make_loader(0, self.epoch), self.tally), self.per_epoch)
+
+    def close(self) -> None:
+        """Shut the loader's workers down now (they ignore SIGTERM, so they must not be left to exit handlers)."""
+        self.it = iter(())
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "batches_in_epoch": self.taken}

@@ -1,15 +1,17 @@
 """Checkpoints: atomic, every N steps and at the end, last k kept, resumable bit for bit.
 
 Layout under `output_dir/checkpoints/`: `step_00000100/` (DeepSpeed's files, one RNG file per
-rank, and a consolidated `model.safetensors` + `model_config.yaml`), and `latest` naming the
-newest complete one. A checkpoint is written under `step_X.tmp` and renamed when every rank is
-done, so a kill at any moment leaves the previous checkpoint intact; if a kill leaves `latest`
-naming no complete checkpoint, `--resume latest` takes the newest complete one.
+rank, a consolidated `model.safetensors` + `model_config.yaml`, and `manifest.json` with every
+file's size and CRC32), and `latest` naming the newest one. A checkpoint is written under
+`step_X.tmp` and renamed when every rank is done, so a kill at any moment leaves the previous
+checkpoint intact. Each rank hashes the files it wrote right after writing them; rank 0 merges
+the lists and writes the manifest last. Only a checkpoint whose manifest verifies is resumed
+from: `--resume latest` passes over (and names) any that do not.
 """
 from __future__ import annotations
 
-import re
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Optional
 
@@ -18,12 +20,11 @@ import torch.distributed as dist
 
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
-from pipeline.models.io import WEIGHTS, save_model
+from pipeline.integrity import MANIFEST, hash_files, newest_verified, verify, write_manifest
+from pipeline.models.io import checkpoints_of, save_model
+from pipeline.train.ranks import barrier, decide_on_rank0, distributed
 
 LATEST = "latest"
-
-
-TAG = re.compile(r"step_\d{8}")  # what tag_for writes; `.tmp` and `.old` siblings do not match
 
 
 def tag_for(step: int) -> str:
@@ -34,9 +35,17 @@ def checkpoint_root(cfg: RunConfig) -> Path:
     return Path(cfg.output_dir) / "checkpoints"
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _own_files(folder: Path, rank: int) -> list[str]:
+    """The files this rank wrote: DeepSpeed names per-rank partitions `*pp_rank_R_*`; RNG files are ours."""
+    return [p.name for p in folder.iterdir() if fnmatch(p.name, f"*pp_rank_{rank}_*") or p.name == f"rng_rank{rank}.pt"]
+
+
+def _gather_records(records: dict) -> dict:
+    if not distributed():
+        return records
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, records)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank: int) -> Path:
@@ -45,22 +54,26 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank:
     tmp_tag = tag + ".tmp"
     if rank == 0 and (root / tmp_tag).exists():
         shutil.rmtree(root / tmp_tag)  # leftover of a killed save
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), root / tmp_tag / f"rng_rank{rank}.pt")
-    _barrier()
+    folder = root / tmp_tag
+    torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
+    barrier()  # every rank's files are written (a rank may hash only once its own writes are done)
+    records = _gather_records(hash_files(folder, _own_files(folder, rank)))
     state = consolidated_state_dict(engine, root, tmp_tag, cfg.deepspeed.zero_stage)
     if rank == 0:
-        save_model(state, cfg.model, root / tmp_tag)
+        save_model(state, cfg.model, folder)
+        rest = [p.name for p in folder.iterdir() if p.is_file() and p.name not in records and p.name != MANIFEST]
+        write_manifest(folder, {**records, **hash_files(folder, rest)})
         final, aside = root / tag, root / (tag + ".old")
         if final.exists():  # the same step saved again (a resume from an earlier checkpoint): swap, then delete
             shutil.rmtree(aside, ignore_errors=True)
             final.rename(aside)
-        (root / tmp_tag).rename(final)
+        folder.rename(final)
         _write_latest(root, tag)
         shutil.rmtree(aside, ignore_errors=True)
         _prune(root, cfg.train.keep_checkpoints)
-    _barrier()
+    barrier()
     return root / tag
 
 
@@ -99,34 +112,37 @@ def _write_latest(root: Path, tag: str) -> None:
     tmp.replace(root / LATEST)
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Finished checkpoints, oldest first (not `.tmp` saves in progress, not `.old` ones being replaced)."""
-    return sorted(p for p in root.glob("step_*") if TAG.fullmatch(p.name) and (p / WEIGHTS).is_file())
-
-
 def _prune(root: Path, keep: int) -> None:
-    for old in complete_checkpoints(root)[:-keep]:
+    for old in checkpoints_of(root.parent)[:-keep]:
         shutil.rmtree(old)
 
 
+def newest_checkpoint(root: Path, announce=print) -> Optional[Path]:
+    """The newest checkpoint under `root` whose manifest verifies (damaged ones are named and passed over)."""
+    return newest_verified(checkpoints_of(root.parent), announce)
+
+
 def find_resume_tag(cfg: RunConfig, resume: Optional[str]) -> Optional[str]:
-    """`latest` -> newest complete checkpoint or None (fresh start); a path -> that checkpoint's tag."""
+    """`latest` -> newest checkpoint that verifies, or None (fresh start); a path -> that checkpoint, verified."""
     if resume is None:
         return None
     root = checkpoint_root(cfg)
-    if resume == "latest":
-        latest = root / LATEST
-        tag = latest.read_text().strip() if latest.is_file() else None
-        if tag is not None and (root / tag / WEIGHTS).is_file():
-            return tag
-        # `latest` is missing or names a checkpoint a kill cut short: the newest complete one is the truth
-        done = complete_checkpoints(root)
-        return done[-1].name if done else None
-    path = Path(resume)
-    if not path.is_dir() or path.parent.resolve() != root.resolve():
-        raise UserError(f"--resume {resume}: not a checkpoint directory under {root}; use --resume latest "
-                        f"or one of {sorted(p.name for p in root.glob('step_*'))[-3:]}")
-    return path.name
+
+    def decide() -> Optional[str]:
+        if resume == "latest":
+            found = newest_checkpoint(root)
+            return found.name if found else None
+        path = Path(resume)
+        if not path.is_dir() or path.parent.resolve() != root.resolve():
+            raise UserError(f"--resume {resume}: not a checkpoint directory under {root}; use --resume latest "
+                            f"or one of {sorted(p.name for p in root.glob('step_*'))[-3:]}")
+        reason = verify(path)
+        if reason:
+            raise UserError(f"--resume {resume}: this checkpoint fails verification ({reason}); use --resume latest "
+                            f"to take the newest one that verifies")
+        return path.name
+
+    return decide_on_rank0(decide)
 
 
 def load_checkpoint(engine, cfg: RunConfig, tag: str, rank: int) -> dict:

@@ -79,19 +79,53 @@ def _merge(base: dict, extra: dict) -> None:
             base[k] = v
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int):
-    """Wrap the model with DeepSpeed; returns (engine, optimizer, scheduler)."""
-    import deepspeed
+class Engine:
+    """The one interface the loop uses: encode, backward, step (or skip), train/eval mode. DeepSpeed is behind
+    it (`ds`, for checkpointing), so the loop never knows the ZeRO stage, the device or the precision."""
 
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, o.warmup_steps, o.total_steps, o.schedule, o.min_lr_ratio))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size))
-    if world_size == 1 and cfg.deepspeed.zero_stage == 0:
-        # One rank has nothing to average, but DeepSpeed would still flatten, "reduce" and copy back every
-        # gradient at each step. (ZeRO stages >= 1 keep their reduction: it fills their partitions.)
-        engine.enable_backward_allreduce = False
-    return engine, optimizer, scheduler
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int):
+        import deepspeed
+
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+                                      eps=o.eps, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, o.warmup_steps, o.total_steps, o.schedule, o.min_lr_ratio))
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size))
+        if world_size == 1 and cfg.deepspeed.zero_stage == 0:
+            # One rank has nothing to average, but DeepSpeed would still flatten, "reduce" and copy back every
+            # gradient at each step. (ZeRO stages >= 1 keep their reduction: it fills their partitions.)
+            self.ds.enable_backward_allreduce = False
+        self.dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+    def encode(self, inputs):
+        return self.ds(inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)  # GradCache calls it once per chunk; step() is the boundary
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def skip_step(self) -> None:
+        """A step whose loss was not finite: no update, but the schedule stays aligned with the step counter."""
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()

@@ -1,0 +1,63 @@
+"""The loss contract, and the base classes every registered loss builds on.
+
+A loss is an `nn.Module` registered with `@LOSSES.register(kind, config=ItsConfig)`; the trainer builds
+it from the config's `loss:` section (`ItsConfig`, a subclass of `pipeline.config.LossSection`) and
+calls it once per step on the features of the whole local batch. What every loss must keep:
+
+Inputs: `forward(features, step)`. `features` (pipeline.batch.Features) holds, per modality, this
+rank's rows as L2-normalised `[n, D]` embeddings; `"<modality>_neg"`: `[n, K, D]` hard negatives of
+that modality for the other modalities' anchors; `"logit_scale"` (already exponentiated) and
+`"logit_bias"` (when the model has one); `"index"`: `[n]` global sample indices when the data
+provides them. `step` is the same on every rank: seed any per-step randomness from it (`self.seed`
+and `step`), so all ranks draw the same and a resumed run draws what it would have.
+
+Output: a scalar, the GLOBAL loss over every rank's rows, identical on every rank. Its autograd
+gradient is only THIS rank's SHARE of the global gradient: summed over ranks, the shares equal the
+single-process gradient (the scale and bias counted once). The trainer therefore multiplies by the
+world size (DeepSpeed averages gradients over ranks). Use `distributed.gather_with_grad` for columns
+and `distributed.global_sum` for the value; a loss ported from open_clip (which averages a local
+loss over ranks) would otherwise train silently wrong — the conformance suite
+(tests/test_loss_contract.py) checks 1 vs 2 vs 3 ranks for every registered loss.
+
+State: a loss may keep persistent state (e.g. per-sample statistics). `state_dict()` /
+`load_state_dict()` are saved per rank in every checkpoint (`loss_rank{R}.pt`) and restored on
+resume; state that must survive a change in the number of ranks must be keyed by global sample index.
+"""
+from __future__ import annotations
+
+from itertools import combinations
+
+import torch
+from torch import nn
+
+from pipeline.config import LossSection
+
+
+class ContrastiveLoss(nn.Module):
+    def __init__(self, cfg: LossSection, group=None, seed: int = 0):
+        super().__init__()
+        self.cfg, self.group, self.seed = cfg, group, seed
+
+    def forward(self, features: dict, step: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def modalities_of(features: dict) -> list[str]:
+    """The modality embeddings in `features` (not negatives, scalars or indices), sorted."""
+    return sorted(k for k in features if not k.endswith("_neg") and k not in ("logit_scale", "logit_bias", "index"))
+
+
+class PairwiseLoss(ContrastiveLoss):
+    """A two-modality loss averaged over every pair of modalities. Hard negatives `<m>_neg` are extra
+    candidates for the anchors of the pair's other modality."""
+
+    def pair_loss(self, a: torch.Tensor, b: torch.Tensor, negatives, features: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: dict, step: int = 0) -> torch.Tensor:
+        losses = []
+        for x, y in combinations(modalities_of(features), 2):
+            if f"{x}_neg" in features and f"{y}_neg" not in features:
+                x, y = y, x  # negatives are candidates for the other modality's anchors
+            losses.append(self.pair_loss(features[x], features[y], features.get(f"{y}_neg"), features))
+        return torch.stack(losses).mean()
