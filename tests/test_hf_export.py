@@ -117,8 +117,11 @@ def test_clip_export_loads_with_transformers_alone_and_gives_the_same_embeddings
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT})
     model = _perturbed(cfg)
     save_model(model.state_dict(), cfg, tmp_path / "run")
-    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
-    assert "transformers CLIPModel" in capsys.readouterr().out
+    for _ in range(2):  # an earlier hf export in --out is replaced
+        assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+        assert f"transformers CLIPModel: {tmp_path / 'hf'}" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "run"), "--format", "open_clip", "--out", str(tmp_path / "hf")]) == 2
+    assert "holds a hf export" in capsys.readouterr().err
     pixels, tokens = _real_inputs(demo_shards, model)
     # sizes whose centre crop starts at the same pixel in torchvision and transformers (see README)
     shapes = [None, None, (37, 45), (45, 37), (64, 64), (300, 201), (29, 30), (28, 100)]
