@@ -26,13 +26,14 @@ COMMANDS = (
      "Writes the resolved config, metrics.jsonl, TensorBoard events, checkpoints and a loss plot into "
      "output_dir.",
      "pipeline.train.run:add_train_args", "pipeline.train.run:run_train"),
-    ("eval", "zero-shot classification / retrieval of a run, checkpoint or export",
+    ("eval", "zero-shot classification / retrieval of a run, checkpoint, export or baseline model",
      "Zero-shot evaluation. --dataset is CLIP_benchmark's local wds/ layout or the project's own shards. "
      "Prints a table and writes JSON with CLIP_benchmark metric names.",
      "pipeline.eval.run:add_eval_args", "pipeline.eval.run:run_eval"),
-    ("export", "export a trained model to open_clip's local-dir format or safetensors",
+    ("export", "export a trained model to open_clip's local-dir format, transformers or safetensors",
      "Export image+text towers to open_clip's local-dir format (loadable with "
-     "open_clip.create_model_and_transforms('local-dir:DIR')), or the whole multimodal model as "
+     "open_clip.create_model_and_transforms('local-dir:DIR')), to transformers (--format hf: CLIPModel or "
+     "VisionTextDualEncoderModel + processor + model card; options they cannot express are refused), or the whole multimodal model as "
      "safetensors + config that mmclip reloads. Towers open_clip cannot express are written beside it, "
      "and the command says so.",
      "pipeline.export.run:add_export_args", "pipeline.export.run:run_export"),

@@ -201,7 +201,7 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
-    format: Literal["open_clip", "safetensors"] = "open_clip"
+    format: Literal["open_clip", "hf", "safetensors"] = "open_clip"
     dir: Optional[str] = None
 
 

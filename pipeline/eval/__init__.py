@@ -2,7 +2,8 @@
 
 Reads CLIP_benchmark's local `wds/` layout (or the project's own shards), preprocesses exactly like
 open_clip's eval transforms and reports CLIP_benchmark's metric names, so numbers are comparable with
-`clip_benchmark eval` on an export. Never trains or changes a model.
+`clip_benchmark eval` on an export. Scores mmclip runs and external models (open_clip, transformers;
+pipeline.eval.models) with the same code. Never trains or changes a model.
 """
 from pipeline.eval.run import evaluate_tasks
 

@@ -21,7 +21,9 @@ TASKS = ("zeroshot_classification", "zeroshot_retrieval", "symile_classification
 
 
 def add_eval_args(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or safetensors export")
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, checkpoint directory, safetensors / open_clip (local-dir:DIR) / transformers "
+                        "export, or open_clip:ARCH@WEIGHTS.safetensors (see README 'Evaluate any model')")
     p.add_argument("--task", choices=TASKS, default="zeroshot_classification")
     p.add_argument("--dataset", required=True, help="CLIP_benchmark wds root (ROOT/test/*.tar) or a shard spec")
     p.add_argument("--modality", default="image",
@@ -117,9 +119,9 @@ def format_table(metrics: dict) -> str:
 
 
 def run_eval(args) -> int:
-    from pipeline.models.io import load_model
+    from pipeline.eval.models import load_eval_model
 
-    model, _ = load_model(args.checkpoint)
+    model = load_eval_model(args.checkpoint)
     metrics = evaluate(model, args.task, args.dataset, args.modality, args.batch_size, args.templates,
                        target=args.target)
     print(f"{args.task} on {args.dataset} ({args.modality} -> {args.target}), model {args.checkpoint}")

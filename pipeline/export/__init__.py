@@ -1,5 +1,6 @@
-"""Export: a trained MultiModalCLIP to open_clip's `local-dir:` format, or to plain safetensors.
+"""Export: a trained MultiModalCLIP to open_clip's `local-dir:` format, to transformers, or to plain safetensors.
 
 Our image/text towers are open_clip's own modules, so the open_clip export is a key rename plus
-a config; towers open_clip cannot express (audio) go beside it. Reads weights, never trains.
+a config, and the transformers one (CLIPModel) a key table (pipeline.models.clip_keys); towers a
+target cannot express go beside it or are refused by option name. Reads weights, never trains.
 """

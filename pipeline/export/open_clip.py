@@ -74,14 +74,19 @@ def export_open_clip(model, model_cfg, out_dir: str | Path, announce=print, fina
     save_file(open_clip_state_dict(model), str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     for m in extra:
-        folder = out / EXTRA / m
-        folder.mkdir(parents=True, exist_ok=True)
-        tower = model.towers[m]
-        save_file({k: v.detach().float().contiguous() for k, v in tower.encoder.state_dict().items()},
-                  str(folder / "tower.safetensors"))
-        (folder / "tower.yaml").write_text(yaml.safe_dump({
-            "embed_dim": model_cfg.embed_dim, "tower": model_cfg.towers[m].model_dump(mode="json"),
-            "preprocess": asdict(tower.preprocess),
-            "load": "pipeline.models.build_tower(modality, TowerConfig(**tower), embed_dim).encoder"
-                    ".load_state_dict(safetensors.torch.load_file('tower.safetensors'))"}, sort_keys=False))
+        write_extra_tower(model, model_cfg, m, out / EXTRA / m)
     return out
+
+
+def write_extra_tower(model, model_cfg, modality: str, folder: Path) -> Path:
+    """A tower no target library expresses: its weights + config, rebuilt by the pipeline's own builder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tower = model.towers[modality]
+    save_file({k: v.detach().float().contiguous() for k, v in tower.encoder.state_dict().items()},
+              str(folder / "tower.safetensors"))
+    (folder / "tower.yaml").write_text(yaml.safe_dump({
+        "embed_dim": model_cfg.embed_dim, "tower": model_cfg.towers[modality].model_dump(mode="json"),
+        "preprocess": asdict(tower.preprocess),
+        "load": "pipeline.models.build_tower(modality, TowerConfig(**tower), embed_dim).encoder"
+                ".load_state_dict(safetensors.torch.load_file('tower.safetensors'))"}, sort_keys=False))
+    return folder

@@ -1,4 +1,4 @@
-"""`mmclip export PATH --format open_clip|safetensors --out DIR`.
+"""`mmclip export PATH --format open_clip|hf|safetensors --out DIR`.
 
 An export is written into a sibling temp folder and swapped in whole, so DIR is never half old, half
 new. DIR must be empty, an earlier export of the same format (it is replaced), or `--force` given.
@@ -21,7 +21,8 @@ MARKER = "mmclip_export.json"
 def add_export_args(p) -> None:
     p.add_argument("path", help="run directory (its newest checkpoint that verifies), checkpoint directory or "
                                 "safetensors export")
-    p.add_argument("--format", choices=["open_clip", "safetensors"], default="open_clip")
+    p.add_argument("--format", choices=["open_clip", "hf", "safetensors"], default="open_clip",
+                   help="hf: transformers CLIPModel / VisionTextDualEncoderModel + processor + model card")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier export of the same format")
     p.add_argument("--force", action="store_true", help="replace --out even if it holds other files")
 
@@ -64,10 +65,14 @@ def run_export(args) -> int:
     with staged_export(out, args.format, args.force) as stage:
         if args.format == "open_clip":
             export_open_clip(model, model_cfg, stage, final_dir=out)
+        elif args.format == "hf":
+            from pipeline.export.hf import export_hf
+
+            export_hf(model, model_cfg, stage, source=args.path, final_dir=out)
         else:
             save_model(model.state_dict(), model_cfg, stage)
     if args.format == "open_clip":
         print(f"open_clip export: {out}  (open_clip.create_model_and_transforms('local-dir:{out}'))")
-    else:
+    elif args.format == "safetensors":
         print(f"safetensors export: {out}  (pipeline.models.io.load_model('{out}'))")
     return 0

@@ -3,6 +3,8 @@
 Accepted: a safetensors file, or a folder of them (a transformers `save_pretrained` folder), holding
 - the tower itself (an mmclip checkpoint's `model.safetensors`, or a tower saved alone),
 - an open_clip model (`visual.*` is the image tower, the text tower's keys sit at the top or under `text.`),
+- a transformers CLIPModel (e.g. an `mmclip export --format hf` folder): its vision half loads into an
+  open_clip_vision tower, its text half into an open_clip_text tower (pipeline.models.clip_keys),
 - the library's own checkpoint of the backbone: a timm model (its classifier head is not used), a
   transformers model with or without its task prefix (`bert.*`, `model.encoder.*`, ...).
 The file's prefix is found, not configured: it is the one under which every tensor of the tower (or
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import UserError
+from pipeline.models.clip_keys import hf_to_open_clip, is_hf_clip
 
 # The library module inside each tower kind's encoder whose own checkpoints are accepted too.
 BACKBONES = {"timm": "trunk", "hf_text": "transformer", "timm_audio": "backbone", "hf_audio": "backbone"}
@@ -66,6 +69,8 @@ def _adapt(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 def load_pretrained(tower, path: str, key: str) -> None:
     """Load `path` into the tower's encoder (or its backbone); a one-line error says what did not match."""
     state = read_safetensors(path, key)
+    if tower.kind in ("open_clip_vision", "open_clip_text") and is_hf_clip(state):
+        state = hf_to_open_clip(state)
     targets = [("the tower", tower.encoder)]
     if tower.kind in BACKBONES:
         targets.append((f"its {tower.kind} backbone", getattr(tower.encoder, BACKBONES[tower.kind])))
