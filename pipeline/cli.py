@@ -33,9 +33,9 @@ COMMANDS = (
     ("export", "export a trained model to open_clip's local-dir format, transformers or safetensors",
      "Export image+text towers to open_clip's local-dir format (loadable with "
      "open_clip.create_model_and_transforms('local-dir:DIR')), to transformers (--format hf: CLIPModel or "
-     "VisionTextDualEncoderModel + processor + model card; options they cannot express are refused), or the whole multimodal model as "
-     "safetensors + config that mmclip reloads. Towers open_clip cannot express are written beside it, "
-     "and the command says so.",
+     "VisionTextDualEncoderModel + processor + model card; options they cannot express are refused), or the "
+     "whole multimodal model as safetensors + config that mmclip reloads. Towers open_clip cannot express are "
+     "written beside it, and the command says so.",
      "pipeline.export.run:add_export_args", "pipeline.export.run:run_export"),
     ("submit", "render a Slurm job from the config's slurm section and sbatch it",
      "Render the sbatch script for a run (train, or eval as a job array), write it into the run "

@@ -110,7 +110,8 @@ def test_clip_benchmark_judge_agrees_with_mmclip_eval(demo_shards, saved_model, 
     judge = Path(sys.executable).parent / "clip_benchmark"
     proc = subprocess.run([str(judge), "eval", "--model", f"local-dir:{export}", "--dataset", f"wds/{name}",
                            "--dataset_root", str(root), "--task", task, "--no_amp", "--num_workers", "0",
-                           "--batch_size", "64", "--recall_k", "1", "5", "10", "--output", str(theirs_file)], capture_output=True, text=True)
+                           "--batch_size", "64", "--recall_k", "1", "5", "10", "--output", str(theirs_file)],
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ours = json.loads(ours_file.read_text())["metrics"]
     theirs = json.loads(theirs_file.read_text())["metrics"]

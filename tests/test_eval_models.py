@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
+from test_hf_export import IMAGE, TEXT, _bert, _perturbed
 
 from pipeline.cli import main
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.eval.models import load_eval_model
 from pipeline.models.io import save_model
-from test_hf_export import IMAGE, TEXT, _bert, _perturbed
 
 # open_clip's default (OpenAI) mean/std, which an open_clip architecture with bare weights also uses
 IMAGE_DEFAULT_NORM = {**IMAGE, "options": {k: v for k, v in IMAGE["options"].items() if k not in ("mean", "std")}}

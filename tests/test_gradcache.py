@@ -73,7 +73,7 @@ def test_nonfinite_loss_skips_backward():
     model, batch = _model(), _batch()
     calls = []
     loss = grad_cache_step(model, lambda f: _loss(f) * float("nan"), calls.append, batch, 3,
-                           check_loss=lambda l: bool(torch.isfinite(l)))
+                           check_loss=lambda value: bool(torch.isfinite(value)))
     assert torch.isnan(loss) and calls == []
 
 

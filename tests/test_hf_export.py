@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
 from pipeline.config import ModelConfig
-from pipeline.modalities.image import ImageTransform
-from pipeline.modalities.text import TextTokenizer
 from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
 from pipeline.export.hf import export_hf
+from pipeline.modalities.image import ImageTransform
+from pipeline.modalities.text import TextTokenizer
 from pipeline.models import build_model
 from pipeline.models.io import save_model
 
@@ -101,9 +101,9 @@ def _save_pngs(tmp_path, shapes):
     from io import BytesIO
     from pathlib import Path
 
-    archive = tarfile.open(Path(__file__).parents[1] / "data" / "fashion_mnist" / "images.tar.gz")
-    originals = [Image.open(BytesIO(archive.extractfile(m).read())).copy()
-                 for m in archive.getmembers()[:40] if m.isfile()][:len(shapes)]
+    with tarfile.open(Path(__file__).parents[1] / "data" / "fashion_mnist" / "images.tar.gz") as archive:
+        originals = [Image.open(BytesIO(archive.extractfile(m).read())).copy()
+                     for m in archive.getmembers()[:40] if m.isfile()][:len(shapes)]
     paths = []
     for i, (image, shape) in enumerate(zip(originals, shapes)):
         image = image if shape is None else image.resize(shape, Image.BICUBIC)

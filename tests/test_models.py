@@ -39,16 +39,10 @@ def test_open_clip_text():
 
 
 def test_hf_text_from_local_path(tmp_path):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "dog", "cat"]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tmp_path)
-    tower = _encode("text", {"kind": "hf_text", "name": str(tmp_path), "options": {"context_length": 8}},
-                    torch.randint(0, len(vocab), (2, 8)))
-    assert tower.export_cfg["hf_model_name"] == str(tmp_path) and tower.preprocess.hf_tokenizer == str(tmp_path)
+    folder = _hf_text_folder(tmp_path)
+    tower = _encode("text", {"kind": "hf_text", "name": folder, "options": {"context_length": 8}},
+                    torch.randint(0, 10, (2, 8)))
+    assert tower.export_cfg["hf_model_name"] == folder and tower.preprocess.hf_tokenizer == folder
 
 
 def test_timm_audio():

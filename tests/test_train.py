@@ -1,4 +1,5 @@
-"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher), 10% corrupt shards, hard negatives, Symile with audio, bf16, exact resume, kill -9 recovery."""
+"""Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher),
+10% corrupt shards, hard negatives, Symile with audio, bf16, exact resume, kill -9 recovery."""
 import io
 import json
 import os

@@ -54,7 +54,7 @@ def open_clip_config(model, model_cfg) -> dict:
 def export_open_clip(model, model_cfg, out_dir: str | Path, announce=print, final_dir: str | Path | None = None) -> Path:
     """Write the export into `out_dir`; `final_dir` is where it will be read from, if it is moved there after."""
     for modality in ("image", "text"):
-        tower = model.towers[modality] if modality in model.towers else None
+        tower = model.towers[modality] if modality in model.towers else None  # noqa: SIM401 (a ModuleDict)
         if tower is None or tower.export_cfg is None:  # e.g. a model of image + audio only
             kind = tower.kind if tower else "no"
             raise UserError(f"open_clip export needs open_clip/timm image and open_clip text towers; this model has "

@@ -124,7 +124,7 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
         for i in range(repeats):  # interleaved, so machine noise hits every variant alike
             for name, (make_cmd, env, rate) in variants.items():
                 run_dir = tmp / f"{name}{i}"
-                runs[name].append(_throughput(make_cmd(run_dir), env, lambda log: rate(run_dir, log)))
+                runs[name].append(_throughput(make_cmd(run_dir), env, lambda log, r=rate, d=run_dir: r(d, log)))
         for name, values in runs.items():
             results[f"{name}_samples_per_s"], results[f"{name}_runs"] = statistics.median(values), values
         results["threads_env"] = threads
