@@ -19,6 +19,7 @@ class Batch(TypedDict, total=False):
 
     mask: dict[str, torch.Tensor]  # modality -> bool [n]: the sample has it (else the model's "missing" embedding)
     label: torch.Tensor            # long [n], -1 when the sample has no `.cls`
+    index: torch.Tensor            # long [n]: global sample index (shard order + per-shard counts), -1 if unknown
     key: list[str]                 # the samples' WebDataset keys
     skipped: dict[str, int]        # samples skipped by reason since the worker's previous batch
 

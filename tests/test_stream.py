@@ -140,3 +140,21 @@ def test_bad_specs_fail_at_start_naming_them(tmp_path):
     with pytest.raises(UserError, match="1 of 2 shards"):
         build_loader(DataConfig(train=spec.replace("000000}", "000001}"), batch_size=2), split="train",
                      modalities=["text"], preprocess=preprocess())
+
+
+def test_every_sample_carries_its_global_index_from_shard_order_and_counts(demo_shards):
+    """sizes.json gives each shard's count; a sample's index is its shard's offset plus its position in it."""
+    from pipeline.config import DataConfig
+    from pipeline.data.loader import build_loader
+    from pipeline.modalities.text import TextTokenizer
+
+    shards = demo_shards / "demo/train"
+    spec = f"{shards}/train-{{000001..000002}}.tar::{shards}/train-000000.tar"
+    cfg = DataConfig(train=spec, batch_size=100, workers=2, resampled=False, shuffle_buffer=0)
+    seen = {}
+    for batch in build_loader(cfg, split="train", modalities=["text"], preprocess={"text": TextTokenizer(8)}):
+        seen.update(zip(batch["key"], batch["index"].tolist()))
+    assert len(seen) == 1500 and sorted(seen.values()) == list(range(1500))
+    for key, index in seen.items():  # keys number the samples 0..2999 across shards 0..5
+        number = int(key.split("_")[1])
+        assert index == (number - 500 if number >= 500 else number + 1000), (key, index)

@@ -35,6 +35,18 @@ def _register_fsspec_schemes() -> None:
         schemes[scheme] = lambda url, mode="rb", bufsize=8192: fsspec.open(url, mode).open()
 
 
+def sample_offsets(sources, sizes: dict[str, int]) -> dict[str, int] | None:
+    """Global index of each shard's first sample: shards in spec order (`::` sources concatenated), each
+    shard's count from sizes.json or _stats.json. None when a count is unknown (indices are then -1)."""
+    offsets, total = {}, 0
+    for url in (u for s in sources for u in s.urls):
+        if url not in sizes:
+            return None
+        offsets.setdefault(url, total)
+        total += sizes[url]
+    return offsets
+
+
 def count_short_shards(samples: Iterator[dict], sizes: dict[str, int], skipped: Counter) -> Iterator[dict]:
     """A tar cut at a block boundary reads as a shorter, valid tar; sizes.json tells us what went missing."""
     url, seen = None, 0
@@ -72,8 +84,9 @@ class NoDataGuard:
         self.shards_read = 0
         self.totals: Counter = Counter()  # since the stream started (`counts` is emptied at every batch)
 
-    def read(self, urls: Iterator[dict]) -> Iterator[dict]:
-        """Raw samples, shard by shard, so a shard that gives none is noticed."""
+    def read(self, urls: Iterator[dict], offsets: dict[str, int] | None = None) -> Iterator[dict]:
+        """Raw samples, shard by shard, so a shard that gives none is noticed; with `offsets` (see
+        `sample_offsets`) each sample gets its global index `__index__`."""
         def on_read_error(exc: Exception) -> bool:
             reason = f"read_error_{type(exc).__name__}"
             self.counts[reason] += 1
@@ -84,6 +97,8 @@ class NoDataGuard:
             self.shards_read += 1
             n = 0
             for raw in wds.tarfile_to_samples(handler=on_read_error)([source]):
+                if offsets is not None:
+                    raw["__index__"] = offsets[source["url"]] + n
                 n += 1
                 yield raw
             self.empty_in_a_row = [] if n else self.empty_in_a_row + [source["url"]]
@@ -126,6 +141,7 @@ class ShardStream(IterableDataset):
         self.sections = {m: cfg.modality(m) for m in modalities}
         self.kinds = {m: MODALITIES.get(m, "data").obj for m in modalities}
         self.sizes = shard_sizes([u for s in self.sources for u in s.urls])
+        self.offsets = sample_offsets(self.sources, self.sizes)
         self.negatives = cfg.hard_negatives if train else None
 
     def _urls(self, worker: int, workers: int) -> Iterator[dict]:
@@ -150,7 +166,7 @@ class ShardStream(IterableDataset):
             yield {"fatal": str(exc)}
 
     def _batches(self, urls, rng: random.Random, skipped: Counter, guard: "NoDataGuard") -> Iterator[dict]:
-        samples = guard.read(urls)
+        samples = guard.read(urls, self.offsets)
         samples = count_short_shards(samples, self.sizes, skipped)
         if self.train and self.cfg.shuffle_buffer > 1:
             samples = wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng)(samples)
@@ -189,7 +205,7 @@ class ShardStream(IterableDataset):
             raise Skip("no_modalities")
         if self.cfg.missing_modality == "drop" and len(present) < len(self.modalities):
             raise Skip("missing_" + next(m for m in self.modalities if m not in sample))
-        out = {"key": sample["key"], "label": sample.get("label", -1)}
+        out = {"key": sample["key"], "label": sample.get("label", -1), "index": raw.get("__index__", -1)}
         for m in present:
             try:
                 out[m] = self.preprocess[m](self.kinds[m].select(sample[m], rng, self.train))
@@ -206,7 +222,7 @@ class ShardStream(IterableDataset):
 
     def _collate(self, items: list[dict], skipped: Counter) -> Batch:
         batch = {"key": [it["key"] for it in items], "label": torch.tensor([it["label"] for it in items]),
-                 "mask": {}, "skipped": dict(skipped)}
+                 "index": torch.tensor([it["index"] for it in items]), "mask": {}, "skipped": dict(skipped)}
         for m in self.modalities:
             pre = self.preprocess[m]
             placeholder = torch.zeros(pre.shape, dtype=pre.dtype)

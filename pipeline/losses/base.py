@@ -9,8 +9,9 @@ rank's rows as L2-normalised `[n, D]` embeddings; `"<modality>_neg"`: `[n, K, D]
 that modality for the other modalities' anchors; `"logit_scale"` (already exponentiated) and
 `"logit_bias"` (when the model has one). `step` is the same on every rank: seed any per-step
 randomness from it (`self.seed` and `step`), so all ranks draw the same and a resumed run draws
-what it would have. (Per-sample global indices, for losses that keep per-sample state, are the
-next key this contract will carry.)
+what it would have. `index` ([n] long) holds the rows' global sample indices (shard order and
+per-shard counts; -1 where the counts are unknown), for losses that keep per-sample state; such a
+loss registers with `needs_index=True` and the trainer refuses data without counts in one line.
 
 Output: a scalar, the GLOBAL loss over every rank's rows, identical on every rank. Its autograd
 gradient is only THIS rank's SHARE of the global gradient: summed over ranks, the shares equal the
@@ -21,8 +22,10 @@ loss over ranks) would otherwise train silently wrong — the conformance suite
 (tests/test_loss_contract.py) checks 1 vs 2 vs 3 ranks for every registered loss.
 
 State: a loss may keep persistent state (e.g. per-sample statistics). `state_dict()` /
-`load_state_dict()` are saved per rank in every checkpoint (`loss_rank{R}.pt`) and restored on
+`load_state_dict()` are saved per rank in every checkpoint (`rank{R}_state.pt`) and restored on
 resume; state that must survive a change in the number of ranks must be keyed by global sample index.
+Updates to it are made final in `step_end(finite)`, which the trainer calls on every rank after each
+step: a step whose loss was NaN/inf on any rank (skipped, not applied) gets `finite=False`.
 """
 from __future__ import annotations
 
@@ -40,8 +43,11 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.cfg, self.group, self.seed = cfg, group, seed
 
-    def forward(self, features: Features, step: int = 0) -> torch.Tensor:
+    def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def step_end(self, finite: bool) -> None:
+        """Make this step's state updates final (finite) or drop them; stateless losses have none."""
 
 
 class PairwiseLoss(ContrastiveLoss):
@@ -51,7 +57,7 @@ class PairwiseLoss(ContrastiveLoss):
     def pair_loss(self, a: torch.Tensor, b: torch.Tensor, negatives, features: Features) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, features: Features, step: int = 0) -> torch.Tensor:
+    def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         losses = []
         for x, y in combinations(modalities_of(features), 2):
             if f"{x}_neg" in features and f"{y}_neg" not in features:

@@ -60,7 +60,7 @@ class SymileLoss(ContrastiveLoss):
     """All modalities jointly. The row permutations of `negatives: n` come from a generator seeded by
     (seed, step): the same on every rank and after a resume."""
 
-    def forward(self, features: Features, step: int = 0) -> torch.Tensor:
+    def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return symile_loss([features[m] for m in modalities_of(features)], features["logit_scale"],
                            negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size, generator=generator,

@@ -80,6 +80,21 @@ def claim_output_dir(cfg: RunConfig, rank: int, resume: str | None, restart: boo
     return lock
 
 
+def require_sample_counts(cfg: RunConfig) -> None:
+    """A loss that keeps per-sample state needs global sample indices, hence every shard's sample count."""
+    from pipeline.data.sources import expand_spec, shard_sizes
+    from pipeline.registry import LOSSES
+
+    if not LOSSES.get(cfg.loss.kind, "loss.kind").info.get("needs_index"):
+        return
+    urls = [u for s in expand_spec(cfg.data.train, cfg.data.train_weights) for u in s.urls]
+    missing = [u for u in urls if u not in shard_sizes(urls)]
+    if missing:
+        raise UserError(f"loss.kind {cfg.loss.kind!r} indexes samples by shard order and per-shard counts, but "
+                        f"{len(missing)} shard(s) have none, e.g. {missing[0]}; put sizes.json (mmclip shards writes "
+                        f"it) or img2dataset's _stats.json next to them")
+
+
 def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False) -> int:
     from accelerate.utils import set_seed
 
@@ -95,6 +110,7 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
     rank, world = env.rank, env.world_size
     if cfg.data.batch_size % world:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} ranks")
+    require_sample_counts(cfg)
     lock = claim_output_dir(cfg, rank, resume, restart)
     try:
         log = RunLog(cfg.output_dir, rank, world)

@@ -100,10 +100,13 @@ class Trainer:
         self.skipped.update(batch.get("skipped", {}))
         inputs = to_device(model_inputs(batch, self.modalities), engine.device, engine.dtype)
         micro = cfg.train.micro_batch or cfg.data.batch_size // self.world
-        loss = grad_cache_step(engine.encode, lambda features: self.loss_module(features, self.step), engine.backward,
-                               inputs, micro,
-                               grad_scale=float(self.world), check_loss=lambda x: not any_rank(not torch.isfinite(x)))
-        if math.isfinite(loss.item()):
+        index = batch.get("index")
+        loss = grad_cache_step(engine.encode, lambda features: self.loss_module(features, self.step, index),
+                               engine.backward, inputs, micro, grad_scale=float(self.world),
+                               check_loss=lambda x: not any_rank(not torch.isfinite(x)))
+        finite = math.isfinite(loss.item())
+        self.loss_module.step_end(finite)
+        if finite:
             engine.step()
             self.last_loss = loss.item()
         else:
