@@ -73,16 +73,19 @@ class RunLock:
 
 
 def prepare_output_dir(out: Path, resume: Optional[str], restart: bool) -> None:
-    """Refuse to start step 0 over an earlier run unless told to; `restart` deletes that run's records."""
-    existing = [name for name in RUN_RECORDS if (out / name).exists()]
-    if not existing or resume is not None:
+    """Refuse to start step 0 over an earlier run that trained (checkpoints or metrics) unless told to;
+    `restart` deletes that run's records. A run that stopped before its first step leaves nothing to lose."""
+    trained = any((out / "checkpoints").glob("step_*")) or (out / "metrics.jsonl").exists()
+    if resume is not None or not (trained or restart):
         return
     if restart:
-        for name in existing:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for path in (out / name for name in RUN_RECORDS):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
         return
     done = checkpoints_of(out)
-    held = f"checkpoints up to {done[-1].name}" if done else ", ".join(existing)
+    held = f"checkpoints up to {done[-1].name}" if done else "metrics.jsonl"
     raise UserError(f"{out} already holds a run ({held}); continue it with --resume latest, choose another "
                     f"output_dir, or pass --restart to delete its checkpoints and logs and start over")
