@@ -209,14 +209,15 @@ def test_export_refuses_a_folder_of_other_files_and_replaces_its_own(finished_ru
 def test_a_second_run_in_the_same_directory_refuses_and_sigint_stops_the_first_with_a_resume_line(
         demo_shards, tmp_path):
     out = tmp_path / "dup"
-    first = subprocess.Popen(train_cmd(1, tiny_overrides(demo_shards, out, 400, **{"train.checkpoint_every": 1000})),
+    endless = tiny_overrides(demo_shards, out, 100_000, **{"train.checkpoint_every": 100_000})  # runs until stopped
+    first = subprocess.Popen(train_cmd(1, endless),
                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 600  # start-up may include DeepSpeed compiling its op
         while time.time() < deadline and len(metrics(out) if (out / "metrics.jsonl").is_file() else []) < 2:
             time.sleep(0.5)
         assert (out / "metrics.jsonl").is_file(), "the first run did not start training"
-        line = one_line_error(mmclip(train_cmd(1, tiny_overrides(demo_shards, out, 400)) + ["--resume", "latest"]))
+        line = one_line_error(mmclip(train_cmd(1, endless) + ["--resume", "latest"]))
         assert f"PID {first.pid} on host {socket.gethostname()}" in line, line
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=60)

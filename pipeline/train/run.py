@@ -37,6 +37,8 @@ def run_train(args) -> int:
         code = train(cfg, env, resume=args.resume, restart=args.restart)
         watch.stop()  # from here on, peers leaving is the normal end
         barrier()
+        if code:  # stopped by a signal, checkpoint written: leave now, not after waiting on data readers
+            stop_now(code)  # (closing a `pipe:` shard waits for its command, e.g. a stalled download)
         return code
     except BaseException as exc:
         watch.post(str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
@@ -44,6 +46,17 @@ def run_train(args) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def stop_now(code: int) -> None:
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(code)
 
 
 def init_distributed(timeout_s: int):
