@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pipeline.losses.global_clip import GlobalClipLoss, gamma_at, global_clip_loss
-from pipeline.losses.sample_table import SampleTable
+from pipeline.errors import UserError
 from test_tiled_losses_distributed import free_port
 
 N, D, M = 12, 6, 30  # global batch, feature dim, dataset size
@@ -96,6 +96,8 @@ def test_gamma_schedule():
     assert gamma_at(100, 0.2, "cosine", 100) == gamma_at(500, 0.2, "cosine", 100) == pytest.approx(0.2)
     with pytest.raises(ValueError, match="gamma_schedule"):
         GlobalClipLoss(M, gamma_schedule="linear")
+    with pytest.raises(ValueError, match="gamma_decay_steps"):
+        GlobalClipLoss(M, gamma_schedule="cosine")
 
 
 def batches():
@@ -124,10 +126,11 @@ def run_steps(individual: bool, rows: slice, group) -> dict:
             dense = gcl.tau.values.grad.to_dense()
             out[step]["tau"] = torch.zeros(M, 2, dtype=torch.float64).index_put_(
                 (gcl.tau.shard_indices(),), dense)
+    if individual:  # distinct per sample, so that restoring them is seen
+        gcl.tau.values.data[:] = (0.1 + 1e-3 * gcl.tau.shard_indices())[:, None]
     a, b, idx = batches()[0]
     gcl(a[rows], b[rows], scale, idx[rows], 5)  # not committed
-    out["state"] = gcl.state_dict()
-    return out
+    return out, gcl
 
 
 def naive_steps(individual: bool) -> dict:
@@ -155,30 +158,33 @@ def compare(got: dict, want: dict, rows: slice, individual: bool) -> None:
             torch.testing.assert_close(got[step][key], want[step][key][rows], rtol=1e-10, atol=1e-12)
 
 
-def table(state: dict, key: str = "log_u") -> torch.Tensor:
-    """The full [M, 2] table from one world's saved shards, through a fresh single-process load."""
-    t = SampleTable(M, 2, float("nan"), dtype=torch.float64)
-    t.load_state_dict(state if isinstance(state, list) else [state])
-    return t.values.detach()
+def reloaded(directory, individual: bool, group=None) -> GlobalClipLoss:
+    """A fresh loss in this world, loaded from the files another world saved."""
+    gcl = GlobalClipLoss(M, temperature="individual" if individual else "global", group=group, dtype=torch.float64)
+    gcl.load(directory)
+    return gcl
 
 
 @pytest.mark.parametrize("individual", [False, True])
-def test_state_single_process_equals_naive(individual):
-    got, want = run_steps(individual, slice(None), None), naive_steps(individual)
+def test_state_single_process_equals_naive(individual, tmp_path):
+    (got, gcl), want = run_steps(individual, slice(None), None), naive_steps(individual)
     compare(got, want, slice(None), individual)
-    torch.testing.assert_close(table(got["state"]["log_u"]), want["u"], rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(gcl.log_u.values, want["u"], rtol=1e-12, atol=1e-12, equal_nan=True)
     key = "tau" if individual else "scale"
     torch.testing.assert_close(got[1][key], want[1][key], rtol=1e-10, atol=1e-12)
+    gcl.save(tmp_path)
+    torch.testing.assert_close(reloaded(tmp_path, individual).log_u.values, gcl.log_u.values, equal_nan=True)
+    with pytest.raises(UserError, match="global_clip_rank"):
+        reloaded(tmp_path / "missing", individual)
 
 
 def worker(rank, world, port, individual, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = slice(rank * N // world, (rank + 1) * N // world)
-    out = run_steps(individual, rows, dist.group.WORLD)
-    resharded = GlobalClipLoss(M, temperature="individual" if individual else "global", group=dist.group.WORLD,
-                               dtype=torch.float64)  # a 1-rank save loaded into this world
-    resharded.load_state_dict([torch.load(os.path.join(out_dir, "single.pt"), weights_only=True)])
+    out, gcl = run_steps(individual, rows, dist.group.WORLD)
+    gcl.save(os.path.join(out_dir, "world2"))
+    resharded = reloaded(os.path.join(out_dir, "world1"), individual, dist.group.WORLD)
     out["resharded"] = {"u": resharded.log_u.values, "indices": resharded.log_u.shard_indices()}
     torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -187,21 +193,23 @@ def worker(rank, world, port, individual, out_dir):
 @pytest.mark.parametrize("individual", [False, True])
 def test_two_ranks_equal_one_and_state_reshards(individual, tmp_path):
     world = 2
-    single = run_steps(individual, slice(None), None)
-    torch.save(single["state"], tmp_path / "single.pt")
+    _, single = run_steps(individual, slice(None), None)
+    for sub in ("world1", "world2"):
+        (tmp_path / sub).mkdir()
+    single.save(tmp_path / "world1")
     mp.spawn(worker, args=(world, free_port(), individual, str(tmp_path)), nprocs=world)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
     want = naive_steps(individual)
     for r, got in enumerate(ranks):
         compare(got, want, slice(r * N // world, (r + 1) * N // world), individual)
-        torch.testing.assert_close(got["resharded"]["u"], table(single["state"]["log_u"])[got["resharded"]["indices"]],
+        torch.testing.assert_close(got["resharded"]["u"], single.log_u.values[got["resharded"]["indices"]],
                                    equal_nan=True)
     key = "tau" if individual else "scale"  # each rank's share; summed over ranks = the whole gradient
     torch.testing.assert_close(sum(got[1][key] for got in ranks), want[1][key], rtol=1e-10, atol=1e-12)
-    saved = [got["state"] for got in ranks]
-    torch.testing.assert_close(table([s["log_u"] for s in saved]), want["u"], rtol=1e-12, atol=1e-12, equal_nan=True)
+    merged = reloaded(tmp_path / "world2", individual)  # two ranks' files into one
+    torch.testing.assert_close(merged.log_u.values, want["u"], rtol=1e-12, atol=1e-12, equal_nan=True)
     if individual:
-        torch.testing.assert_close(table([s["tau"] for s in saved]), table(single["state"]["tau"]))
+        torch.testing.assert_close(merged.tau.values, single.tau.values)
 
 
 def test_individual_temperatures_train_with_sparse_adam_and_stay_clamped():

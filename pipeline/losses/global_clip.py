@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from pipeline.errors import UserError
 from pipeline.losses.distributed import gather_rows, gather_with_grad, rank_and_world, sum_ranks
 from pipeline.losses.sample_table import SampleTable
 from pipeline.losses.tiled import DEFAULT_CHUNK, NEG_INF, accumulation_dtype, diagonal_mask, spans
@@ -88,13 +90,15 @@ def moving_average(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> to
     return torch.where(torch.isnan(log_u), log_g, mixed)
 
 
-def gamma_at(step: int, gamma: float, schedule: str, decay_steps: int) -> float:
+def gamma_at(step: int, gamma: float, schedule: str, decay_steps: int | None) -> float:
     """γ for this step: `constant`, or `cosine` from 1 down to `gamma` over `decay_steps`, then flat."""
     if schedule == "constant":
         return gamma
     if schedule != "cosine":
         raise ValueError(f"unknown gamma_schedule {schedule!r}; allowed: constant, cosine")
-    progress = min(max(step, 0) / max(decay_steps, 1), 1.0)
+    if not decay_steps or decay_steps < 1:
+        raise ValueError("gamma_schedule cosine needs gamma_decay_steps >= 1 (e.g. the run's total steps)")
+    progress = min(max(step, 0) / decay_steps, 1.0)
     return gamma + (1 - gamma) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -106,7 +110,7 @@ class GlobalClipOutput:
 
 
 def global_clip_loss(a: torch.Tensor, b: torch.Tensor, image_scale: torch.Tensor, text_scale: torch.Tensor,
-                     log_u_image: torch.Tensor, log_u_text: torch.Tensor, *, gamma: float, rho: float = 0.0,
+                     log_u_image: torch.Tensor, log_u_text: torch.Tensor, *, gamma: float, rho: float,
                      chunk_size: int | None = None, group=None) -> GlobalClipOutput:
     """½·mean over the global batch of τ_i·(log g_i + ρ) for image anchors (a→b) and text anchors (b→a).
 
@@ -151,9 +155,9 @@ class GlobalClipLoss:
     """
 
     def __init__(self, num_samples: int, *, gamma: float = 0.2, gamma_schedule: str = "constant",
-                 gamma_decay_steps: int = 1, temperature: str = "global", rho: float = 8.0, tau_init: float = 0.07,
+                 gamma_decay_steps: int | None = None, temperature: str = "global", rho: float = 8.0, tau_init: float = 0.07,
                  tau_min: float = 0.01, tau_max: float = 1.0, chunk_size: int | None = None, group=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if temperature not in ("global", "individual"):
             raise ValueError(f"unknown temperature {temperature!r}; allowed: global, individual")
         if not 0 < gamma <= 1:
@@ -162,18 +166,18 @@ class GlobalClipLoss:
         self.gamma, self.gamma_schedule, self.gamma_decay_steps = gamma, gamma_schedule, gamma_decay_steps
         self.rho, self.tau_min, self.tau_max = rho, tau_min, tau_max
         self.chunk_size, self.group = chunk_size, group
-        self.log_u = SampleTable(num_samples, 2, float("nan"), dtype=dtype, group=group)  # [image, text] anchors
-        self.tau = (SampleTable(num_samples, 2, tau_init, trainable=True, dtype=dtype, group=group)
-                    if temperature == "individual" else None)
+        table = dict(dtype=dtype, device=device, group=group)
+        self.log_u = SampleTable(num_samples, 2, float("nan"), **table)  # columns: image anchors, text anchors
+        self.tau = SampleTable(num_samples, 2, tau_init, trainable=True, **table) if temperature == "individual" else None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, indices: torch.Tensor,
                  step: int) -> torch.Tensor:
-        log_u = self.log_u.lookup(indices)
+        log_u = self.log_u.lookup(indices).to(image.device)
         if self.tau is None:
             image_scale = text_scale = logit_scale
         else:
-            tau = self.tau.lookup(indices)
+            tau = self.tau.lookup(indices).to(image.device)
             image_scale, text_scale = 1 / tau[:, 0], 1 / tau[:, 1]
         out = global_clip_loss(image, text, image_scale, text_scale, log_u[:, 0], log_u[:, 1],
                                gamma=gamma_at(step, self.gamma, self.gamma_schedule, self.gamma_decay_steps),
@@ -211,3 +215,14 @@ class GlobalClipLoss:
         self.log_u.load_state_dict([s["log_u"] for s in states])
         if self.tau is not None:
             self.tau.load_state_dict([s["tau"] for s in states])
+
+    def save(self, directory: str | Path) -> None:
+        """One file per rank (collective-free); a checkpoint keeps them all."""
+        torch.save(self.state_dict(), Path(directory) / f"global_clip_rank{self.log_u.rank}.pt")
+
+    def load(self, directory: str | Path) -> None:
+        """Load every saved rank's file, whatever the number of ranks that saved them."""
+        files = sorted(Path(directory).glob("global_clip_rank*.pt"))
+        if not files:
+            raise UserError(f"{directory}: no global_clip_rank*.pt to resume the global contrastive loss from")
+        self.load_state_dict([torch.load(f, weights_only=True, mmap=True) for f in files])

@@ -66,17 +66,22 @@ class MixingDraws:
 def mix_negatives(anchors: torch.Tensor, b_all: torch.Tensor, top: torch.Tensor, draws: MixingDraws) -> torch.Tensor:
     """[n, s+s2, D] unit vectors α·h_p + (1−α)·h_q and β·anchor + (1−β)·h_r, h = the rows of `b_all` in `top`.
 
-    Only the chosen rows are gathered, never the [n, k, D] block of all top-k candidates.
+    Only the chosen rows are gathered (never the [n, k, D] block of all top-k candidates) and
+    mixed in place in the output, so the peak is the output plus one gathered block.
     """
     acc = accumulation_dtype(b_all)
+    s = draws.alpha.shape[1]
+    out = torch.empty((top.shape[0], s + draws.beta.shape[1], b_all.shape[1]), dtype=acc, device=b_all.device)
 
     def pick(positions):
-        return b_all[torch.gather(top, 1, positions)].to(acc)
+        return b_all[torch.gather(top, 1, positions.to(top.device))]
 
-    alpha, beta = draws.alpha.to(acc)[..., None], draws.beta.to(acc)[..., None]
-    pairs = alpha * pick(draws.pairs[..., 0]) + (1 - alpha) * pick(draws.pairs[..., 1])
-    with_anchor = beta * anchors[:, None, :].to(acc) + (1 - beta) * pick(draws.partner)
-    return F.normalize(torch.cat([pairs, with_anchor], 1), dim=-1)
+    alpha, beta = (w.to(b_all.device, acc)[..., None] for w in (draws.alpha, draws.beta))
+    out[:, :s] = pick(draws.pairs[..., 1])
+    out[:, :s].lerp_(pick(draws.pairs[..., 0]).to(acc), alpha)  # α·h_p + (1−α)·h_q
+    out[:, s:] = pick(draws.partner)
+    out[:, s:].lerp_(anchors[:, None, :].to(acc).expand_as(out[:, s:]), beta)
+    return out.div_(out.norm(dim=-1, keepdim=True).clamp_min_(1e-12))
 
 
 class MinedNegatives:

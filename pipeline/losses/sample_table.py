@@ -2,14 +2,12 @@
 
 Sample `i` lives on rank `i % world`, row `i // world`, so every rank holds ~num_samples/world
 rows whatever the dataset size. A step moves only the batch's (row, value) pairs to and from
-their owners with two all-to-alls: O(local batch) scalars per rank. Saved shards can be loaded
+their owners with all-to-alls: O(local batch) scalars per rank. Saved shards can be loaded
 into any number of ranks (each rank picks the indices it now owns out of every saved shard).
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -57,18 +55,19 @@ class SampleTable:
     `lookup` returns the batch's rows (differentiable into the shard when trainable: the
     gradient arrives as a sparse tensor holding only the rows of the step, for SparseAdam);
     `write` stores new rows. Every rank calls both collectively, with its local batch's indices.
+    The shard lives on `device` (with NCCL, the rank's GPU: its collectives move only CUDA tensors).
     """
 
     def __init__(self, num_samples: int, width: int, fill: float, *, trainable: bool = False,
-                 dtype: torch.dtype = torch.float32, group=None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", group=None):
         self.num_samples, self.group = num_samples, group
         self.rank, self.world = rank_and_world(group)
         rows = math.ceil(max(num_samples - self.rank, 0) / self.world)
-        values = torch.full((rows, width), fill, dtype=dtype)
+        values = torch.full((rows, width), fill, dtype=dtype, device=device)
         self.values = torch.nn.Parameter(values) if trainable else values
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        self._check(indices)
+        indices = self._check(indices)
         if self.group is None:
             return self._read(indices)
         route = _Route(indices, self.world, self.group)
@@ -77,7 +76,7 @@ class SampleTable:
 
     def write(self, indices: torch.Tensor, rows: torch.Tensor) -> None:
         """Store `rows` [n, width] for `indices`; a sample twice in the batch keeps one of its rows."""
-        self._check(indices)
+        indices, rows = self._check(indices), rows.to(self.values.device)
         with torch.no_grad():
             if self.group is None:
                 self.values[indices] = rows.to(self.values.dtype)
@@ -91,13 +90,15 @@ class SampleTable:
             return F.embedding(rows, self.values, sparse=True)
         return self.values[rows]
 
-    def _check(self, indices: torch.Tensor) -> None:
+    def _check(self, indices: torch.Tensor) -> torch.Tensor:
+        indices = indices.to(self.values.device, torch.long)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_samples):
             raise ValueError(f"sample index {int(indices.max())} outside [0, {self.num_samples}): the table "
                              "must be sized to the dataset's number of samples")
+        return indices
 
     def shard_indices(self) -> torch.Tensor:
-        return torch.arange(self.values.shape[0]) * self.world + self.rank
+        return torch.arange(self.values.shape[0], device=self.values.device) * self.world + self.rank
 
     def state_dict(self) -> dict:
         return {"num_samples": self.num_samples, "world": self.world, "rank": self.rank,
@@ -114,11 +115,4 @@ class SampleTable:
             for s in shards:
                 saved = torch.arange(s["values"].shape[0]) * s["world"] + s["rank"]
                 mine = saved % self.world == self.rank
-                self.values[saved[mine] // self.world] = s["values"][mine].to(self.values.dtype)
-
-    def save(self, directory: str | Path, name: str) -> None:
-        torch.save(self.state_dict(), Path(directory) / f"{name}_rank{self.rank}.pt")
-
-    def load(self, directory: str | Path, name: str) -> None:
-        files = sorted(Path(directory).glob(f"{name}_rank*.pt"))
-        self.load_state_dict([torch.load(f, weights_only=True, mmap=True) for f in files])
+                self.values[(saved[mine] // self.world).to(self.values.device)] = s["values"][mine].to(self.values)
