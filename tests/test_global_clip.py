@@ -176,6 +176,8 @@ def test_state_single_process_equals_naive(individual, tmp_path):
     torch.testing.assert_close(reloaded(tmp_path, individual).log_u.values, gcl.log_u.values, equal_nan=True)
     with pytest.raises(UserError, match="global_clip_rank"):
         reloaded(tmp_path / "missing", individual)
+    with pytest.raises(UserError, match="temperature"):
+        reloaded(tmp_path, not individual)
 
 
 def worker(rank, world, port, individual, out_dir):

@@ -155,9 +155,9 @@ class GlobalClipLoss:
     """
 
     def __init__(self, num_samples: int, *, gamma: float = 0.2, gamma_schedule: str = "constant",
-                 gamma_decay_steps: int | None = None, temperature: str = "global", rho: float = 8.0, tau_init: float = 0.07,
-                 tau_min: float = 0.01, tau_max: float = 1.0, chunk_size: int | None = None, group=None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 gamma_decay_steps: int | None = None, temperature: str = "global", rho: float = 8.0,
+                 tau_init: float = 0.07, tau_min: float = 0.01, tau_max: float = 1.0, chunk_size: int | None = None,
+                 group=None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if temperature not in ("global", "individual"):
             raise ValueError(f"unknown temperature {temperature!r}; allowed: global, individual")
         if not 0 < gamma <= 1:
@@ -168,7 +168,8 @@ class GlobalClipLoss:
         self.chunk_size, self.group = chunk_size, group
         table = dict(dtype=dtype, device=device, group=group)
         self.log_u = SampleTable(num_samples, 2, float("nan"), **table)  # columns: image anchors, text anchors
-        self.tau = SampleTable(num_samples, 2, tau_init, trainable=True, **table) if temperature == "individual" else None
+        individual = temperature == "individual"
+        self.tau = SampleTable(num_samples, 2, tau_init, trainable=True, **table) if individual else None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, indices: torch.Tensor,
@@ -208,10 +209,13 @@ class GlobalClipLoss:
         return total / count if count else None
 
     def state_dict(self) -> dict:
-        return {"log_u": self.log_u.state_dict(), **({"tau": self.tau.state_dict()} if self.tau else {})}
+        return {"log_u": self.log_u.state_dict(), **({"tau": self.tau.state_dict()} if self.tau is not None else {})}
 
     def load_state_dict(self, states: list[dict]) -> None:
         """Restore from every saved rank's `state_dict()` (any number of ranks)."""
+        if (self.tau is not None) != all("tau" in s for s in states):
+            raise UserError("the saved global contrastive loss state and this run differ in `temperature` "
+                            "(global vs individual): resume with the temperature it was trained with")
         self.log_u.load_state_dict([s["log_u"] for s in states])
         if self.tau is not None:
             self.tau.load_state_dict([s["tau"] for s in states])

@@ -55,7 +55,8 @@ class MixingDraws:
     def draw(cls, generator: torch.Generator, batch: int, k: int, mixed: int, with_anchor: int) -> "MixingDraws":
         g = generator
         return cls(torch.randint(k, (batch, mixed, 2), generator=g), torch.rand(batch, mixed, generator=g),
-                   torch.randint(k, (batch, with_anchor), generator=g), 0.5 * torch.rand(batch, with_anchor, generator=g))
+                   torch.randint(k, (batch, with_anchor), generator=g),
+                   0.5 * torch.rand(batch, with_anchor, generator=g))
 
     def rows(self, start: int, stop: int) -> "MixingDraws":
         return MixingDraws(self.pairs[start:stop], self.alpha[start:stop], self.partner[start:stop],
@@ -64,7 +65,7 @@ class MixingDraws:
 
 @torch.no_grad()
 def mix_negatives(anchors: torch.Tensor, b_all: torch.Tensor, top: torch.Tensor, draws: MixingDraws) -> torch.Tensor:
-    """[n, s+s2, D] unit vectors α·h_p + (1−α)·h_q and β·anchor + (1−β)·h_r, h = the rows of `b_all` in `top`.
+    """[n, s+s2, D] unit vectors α·h_p + (1−α)·h_q and β·anchor + (1−β)·h_r, h = rows of `b_all` in `top`.
 
     Only the chosen rows are gathered (never the [n, k, D] block of all top-k candidates) and
     mixed in place in the output, so the peak is the output plus one gathered block.
