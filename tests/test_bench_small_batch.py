@@ -11,5 +11,6 @@ def test_small_batch_bench_writes_every_row(tmp_path):
     # extra negatives only add to clip's denominators and siglip's negative pairs
     assert rows["mined_clip"]["loss"] > rows["clip"]["loss"]
     assert rows["mined_siglip"]["loss"] > rows["siglip"]["loss"]
+    assert rows["top_k_sweep"]["loss"] > 0  # the sum of every anchor's top-k cosine similarities
     table = (tmp_path / "loss_small_batch.md").read_text()
     assert all(f"| {label} |" in table for label in IMPLS.values())

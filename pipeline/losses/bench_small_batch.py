@@ -3,7 +3,8 @@
 `run_small_batch_bench(batch, dim, out_dir)` times forward+backward (and, for the global loss,
 the state's lookup and commit; for mined negatives, the no-grad top-k sweep and the mixing)
 in a fresh subprocess per run, interleaving the implementations and reporting the median of
-`repeats` runs; extra memory is peak RSS above the inputs, as in `mmclip bench loss`.
+`repeats` runs; extra memory is peak RSS above the inputs, as in `mmclip bench loss`. The
+mining sweep is also timed alone, as a fraction of the plain clip loss.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import json, resource, sys, time, torch
 import torch.nn.functional as F
 from pipeline.losses import clip_loss, siglip_loss
 from pipeline.losses.global_clip import GlobalClipLoss
-from pipeline.losses.mined import MinedNegatives
+from pipeline.losses.mined import MinedNegatives, top_k_negatives
 impl, B, D, K, S, S2 = sys.argv[1], *map(int, sys.argv[2:7])
 torch.manual_seed(0)
 a, b = (F.normalize(torch.randn(B, D), dim=-1).requires_grad_() for _ in range(2))
@@ -30,7 +31,10 @@ gcl = GlobalClipLoss(10 * B, temperature=impl.split("_")[-1]) if impl.startswith
 mined = MinedNegatives(top_k=K, mixed=S, mix_with_anchor=S2)
 base_kib = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
 t0 = time.perf_counter()
-if gcl is not None:
+if impl == "top_k_sweep":  # the mining sweep alone: no loss, no backward
+    values, _ = top_k_negatives(a, b, K)
+    loss = values.sum().requires_grad_()
+elif gcl is not None:
     loss = gcl(a, b, scale, indices, step=0)
 else:
     negs = mined(a, b, step=0, generator=torch.Generator().manual_seed(0)) if impl.startswith("mined") else None
@@ -48,12 +52,13 @@ IMPLS = {
     "clip": "clip_loss (plain tiled)",
     "global_clip_global": "GlobalClipLoss, global τ",
     "global_clip_individual": "GlobalClipLoss, per-sample τ",
+    "top_k_sweep": "top-k mining sweep alone (no grad)",
     "mined_clip": "clip_loss + mined negatives",
     "siglip": "siglip_loss (plain tiled)",
     "mined_siglip": "siglip_loss + mined negatives",
 }
-BASELINE = {"clip": "clip", "global_clip_global": "clip", "global_clip_individual": "clip", "mined_clip": "clip",
-            "siglip": "siglip", "mined_siglip": "siglip"}
+BASELINE = {"clip": "clip", "global_clip_global": "clip", "global_clip_individual": "clip", "top_k_sweep": "clip",
+            "mined_clip": "clip", "siglip": "siglip", "mined_siglip": "siglip"}
 
 
 def _probe(impl: str, batch: int, dim: int, k: int, s: int, s2: int) -> dict:
