@@ -1,0 +1,232 @@
+"""Global contrastive loss (SogCLR / FastCLIP): small batches estimate the whole dataset's denominators.
+
+For anchor i with temperature τ_i, the batch estimates g_i = mean over its N−1 negatives j of
+exp((z_ij − z_ii)/τ_i) (z = cosine similarity). Each anchor keeps a moving average
+u_i ← (1−γ)·u_i + γ·g_i across epochs, and the objective τ_i·(log g_i + ρ) is followed with the
+compositional gradient τ_i·∇g_i/u_i (and log u_i + ρ + τ_i·∂_τ g_i/u_i for τ_i), so the negatives
+of a small batch are weighted by the dataset-wide 1/u_i instead of the batch's own normaliser.
+Both directions (image anchors = rows, text anchors = columns) keep their own u. Everything
+is in log space (log u, log-sum-exp over tiles), so small temperatures cannot overflow.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import UserError
+from pipeline.losses.distributed import gather_rows, gather_with_grad, rank_and_world, sum_ranks
+from pipeline.losses.sample_table import SampleTable
+from pipeline.losses.tiled import DEFAULT_CHUNK, NEG_INF, accumulation_dtype, diagonal_mask, spans
+
+
+class AnchorLogSumExp(torch.autograd.Function):
+    """Per-anchor log Σ_{j≠i} exp(scale_anchor · a_i·b_j) over the global batch, rows and columns.
+
+    Inputs: local rows `a` [n, D], all columns `b` [N, D], the rows' scales [n] and all columns'
+    scales [N]. Returns this rank's row LSEs [n] and the LSEs of its own columns [n]
+    (rank·n … rank·n+n−1). Backward takes per-anchor weights for both and recomputes every tile.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, row_scale, col_scale, chunk, group):
+        rank, _ = rank_and_world(group)
+        n, N = a.shape[0], b.shape[0]
+        offset = rank * n
+        acc = accumulation_dtype(a)
+        af, bf = a.detach().to(acc), b.detach().to(acc)
+        rs, cs = row_scale.detach().to(acc)[:, None], col_scale.detach().to(acc)[None, :]
+        rows = torch.full((n,), NEG_INF, dtype=acc, device=af.device)
+        cols = torch.full((N,), NEG_INF, dtype=acc, device=af.device)
+        for i0, i1, j0, j1, z, mask in _tiles(af, bf, chunk, offset):
+            zr, zc = rs[i0:i1] * z, cs[:, j0:j1] * z
+            if mask is not None:
+                zr, zc = zr.masked_fill(mask, NEG_INF), zc.masked_fill(mask, NEG_INF)
+            rows[i0:i1] = torch.logaddexp(rows[i0:i1], torch.logsumexp(zr, 1))
+            cols[j0:j1] = torch.logaddexp(cols[j0:j1], torch.logsumexp(zc, 0))
+        if group is not None:
+            cols = torch.logsumexp(gather_rows(cols[None], group), 0)
+        ctx.save_for_backward(a, b, row_scale, col_scale, rows, cols)
+        ctx.cfg = (chunk, group, offset)
+        return rows, cols[offset:offset + n].clone()
+
+    @staticmethod
+    def backward(ctx, g_rows, g_cols):
+        a, b, row_scale, col_scale, rows, cols = ctx.saved_tensors
+        chunk, group, offset = ctx.cfg
+        acc = accumulation_dtype(a)
+        af, bf = a.detach().to(acc), b.detach().to(acc)
+        rs, cs = row_scale.detach().to(acc)[:, None], col_scale.detach().to(acc)[None, :]
+        w_rows = g_rows.to(acc)[:, None]
+        w_cols = gather_rows(g_cols.to(acc).contiguous(), group)[None, :]
+        ga, gb = torch.zeros_like(af), torch.zeros_like(bf)
+        g_rs, g_cs = torch.zeros_like(rs), torch.zeros_like(cs)
+        for i0, i1, j0, j1, z, mask in _tiles(af, bf, chunk, offset):
+            pr = w_rows[i0:i1] * torch.exp(rs[i0:i1] * z - rows[i0:i1, None])
+            pc = w_cols[:, j0:j1] * torch.exp(cs[:, j0:j1] * z - cols[None, j0:j1])
+            if mask is not None:
+                pr, pc = pr.masked_fill(mask, 0.0), pc.masked_fill(mask, 0.0)
+            g_rs[i0:i1] += (pr * z).sum(1, keepdim=True)
+            g_cs[:, j0:j1] += (pc * z).sum(0, keepdim=True)
+            dz = pr * rs[i0:i1] + pc * cs[:, j0:j1]
+            ga[i0:i1] += dz @ bf[j0:j1]
+            gb[j0:j1] += dz.T @ af[i0:i1]
+        return (ga.to(a.dtype), gb.to(b.dtype), g_rs[:, 0].to(row_scale.dtype), g_cs[0].to(col_scale.dtype),
+                None, None)
+
+
+def _tiles(af, bf, chunk, offset):
+    """Yield (i0, i1, j0, j1, cosine tile, positive mask or None) over local rows × all columns."""
+    for i0, i1 in spans(af.shape[0], chunk):
+        for j0, j1 in spans(bf.shape[0], chunk):
+            yield i0, i1, j0, j1, af[i0:i1] @ bf[j0:j1].T, diagonal_mask(i0, i1, j0, j1, offset, af.device)
+
+
+def moving_average(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
+    """log of (1−γ)·u + γ·g; an anchor never seen (log u NaN) starts at its batch estimate, as in FastCLIP."""
+    mixed = torch.logaddexp(log_u + math.log1p(-gamma), log_g + math.log(gamma)) if gamma < 1 else log_g
+    return torch.where(torch.isnan(log_u), log_g, mixed)
+
+
+def gamma_at(step: int, gamma: float, schedule: str, decay_steps: int | None) -> float:
+    """γ for this step: `constant`, or `cosine` from 1 down to `gamma` over `decay_steps`, then flat."""
+    if schedule == "constant":
+        return gamma
+    if schedule != "cosine":
+        raise ValueError(f"unknown gamma_schedule {schedule!r}; allowed: constant, cosine")
+    if not decay_steps or decay_steps < 1:
+        raise ValueError("gamma_schedule cosine needs gamma_decay_steps >= 1 (e.g. the run's total steps)")
+    progress = min(max(step, 0) / decay_steps, 1.0)
+    return gamma + (1 - gamma) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class GlobalClipOutput:
+    loss: torch.Tensor  # value: the batch's own objective; gradient: the u-weighted estimator
+    log_u_image: torch.Tensor  # [n] the image anchors' new log u, to commit after a finite step
+    log_u_text: torch.Tensor
+
+
+def global_clip_loss(a: torch.Tensor, b: torch.Tensor, image_scale: torch.Tensor, text_scale: torch.Tensor,
+                     log_u_image: torch.Tensor, log_u_text: torch.Tensor, *, gamma: float, rho: float,
+                     chunk_size: int | None = None, group=None) -> GlobalClipOutput:
+    """½·mean over the global batch of τ_i·(log g_i + ρ) for image anchors (a→b) and text anchors (b→a).
+
+    `image_scale` / `text_scale` are 1/τ: a scalar (the model's logit scale) or one per local
+    row [n] (per-sample temperatures). `log_u_*` [n] are the anchors' stored log u (NaN: never
+    seen). The new log u are returned, not stored, so a step whose loss is not finite can skip
+    them. With `group`, each rank passes its rows; every rank gets the global loss and its share
+    of the gradient. Features of any float dtype; statistics in fp32 (fp64 stays fp64).
+    """
+    n = a.shape[0]
+    acc = accumulation_dtype(a)
+    b_all = gather_with_grad(b, group)
+    N = b_all.shape[0]
+    s_img = image_scale.to(acc).expand(n)
+    s_txt = text_scale.to(acc).expand(n)
+    s_txt_all = gather_with_grad(s_txt, group) if text_scale.dim() else text_scale.to(acc).expand(N)
+    row_lse, col_lse = AnchorLogSumExp.apply(a, b_all, s_img, s_txt_all, chunk_size or DEFAULT_CHUNK, group)
+    positives = (a.to(acc) * b.to(acc)).sum(-1)
+    surrogate, value, new_u = [], [], []
+    for lse, scale, log_u in ((row_lse, s_img, log_u_image), (col_lse, s_txt, log_u_text)):
+        log_g = lse - scale * positives - math.log(N - 1)
+        u = moving_average(log_u.to(acc), log_g.detach(), gamma)
+        tau = 1 / scale
+        surrogate.append(tau.detach() * torch.exp(log_g - u) + tau * (u + rho))
+        value.append(tau * (log_g + rho))
+        new_u.append(u)
+    local = 0.5 * (surrogate[0] + surrogate[1]).sum()
+    objective = sum_ranks(0.5 * (value[0] + value[1]).sum().detach(), group)
+    loss = (local - local.detach() + objective) / N  # this rank's share of the gradient, the global value
+    return GlobalClipOutput(loss.to(a.dtype), new_u[0], new_u[1])
+
+
+class GlobalClipLoss:
+    """The loss with its state: u tables (and per-sample temperatures) indexed by global sample index.
+
+    Per step: `loss = gcl(image, text, logit_scale, indices, step)`, backward, and only if the
+    step is kept (finite loss, optimiser stepped) `gcl.commit()`. `temperature="global"` uses the
+    model's `logit_scale` (learned by the trainer, in its own optimiser group); `"individual"`
+    keeps one τ per sample and anchor direction in a sharded table whose Parameter
+    (`temperature_parameters()`) gets sparse gradients for `torch.optim.SparseAdam`; the
+    model's logit scale is then unused, and `mean_temperature()` is what an export should carry.
+    """
+
+    def __init__(self, num_samples: int, *, gamma: float = 0.2, gamma_schedule: str = "constant",
+                 gamma_decay_steps: int | None = None, temperature: str = "global", rho: float = 8.0,
+                 tau_init: float = 0.07, tau_min: float = 0.01, tau_max: float = 1.0, chunk_size: int | None = None,
+                 group=None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if temperature not in ("global", "individual"):
+            raise ValueError(f"unknown temperature {temperature!r}; allowed: global, individual")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        gamma_at(0, gamma, gamma_schedule, gamma_decay_steps)  # rejects an unknown schedule now, not at step 0
+        self.gamma, self.gamma_schedule, self.gamma_decay_steps = gamma, gamma_schedule, gamma_decay_steps
+        self.rho, self.tau_min, self.tau_max = rho, tau_min, tau_max
+        self.chunk_size, self.group = chunk_size, group
+        table = dict(dtype=dtype, device=device, group=group)
+        self.log_u = SampleTable(num_samples, 2, float("nan"), **table)  # columns: image anchors, text anchors
+        individual = temperature == "individual"
+        self.tau = SampleTable(num_samples, 2, tau_init, trainable=True, **table) if individual else None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, indices: torch.Tensor,
+                 step: int) -> torch.Tensor:
+        log_u = self.log_u.lookup(indices).to(image.device)
+        if self.tau is None:
+            image_scale = text_scale = logit_scale
+        else:
+            tau = self.tau.lookup(indices).to(image.device)
+            image_scale, text_scale = 1 / tau[:, 0], 1 / tau[:, 1]
+        out = global_clip_loss(image, text, image_scale, text_scale, log_u[:, 0], log_u[:, 1],
+                               gamma=gamma_at(step, self.gamma, self.gamma_schedule, self.gamma_decay_steps),
+                               rho=self.rho, chunk_size=self.chunk_size, group=self.group)
+        self.pending = (indices, torch.stack([out.log_u_image, out.log_u_text], 1))
+        return out.loss
+
+    def commit(self) -> None:
+        """Keep the last step's u (and clamp the temperatures the optimiser just stepped)."""
+        if self.pending is None:
+            raise RuntimeError("commit() without a loss computed since the last commit")
+        self.log_u.write(*self.pending)
+        self.pending = None
+        if self.tau is not None:
+            with torch.no_grad():
+                self.tau.values.clamp_(self.tau_min, self.tau_max)
+
+    def temperature_parameters(self) -> list[torch.nn.Parameter]:
+        return [] if self.tau is None else [self.tau.values]
+
+    def mean_temperature(self) -> float | None:
+        """Mean τ over every sample seen so far (all ranks); None for a global temperature."""
+        if self.tau is None:
+            return None
+        seen = ~torch.isnan(self.log_u.values).any(1)
+        totals = torch.stack([self.tau.values.detach()[seen].sum(), seen.sum().to(self.tau.values.dtype) * 2])
+        total, count = sum_ranks(totals, self.group).tolist()
+        return total / count if count else None
+
+    def state_dict(self) -> dict:
+        return {"log_u": self.log_u.state_dict(), **({"tau": self.tau.state_dict()} if self.tau is not None else {})}
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        """Restore from every saved rank's `state_dict()` (any number of ranks)."""
+        if (self.tau is not None) != all("tau" in s for s in states):
+            raise UserError("the saved global contrastive loss state and this run differ in `temperature` "
+                            "(global vs individual): resume with the temperature it was trained with")
+        self.log_u.load_state_dict([s["log_u"] for s in states])
+        if self.tau is not None:
+            self.tau.load_state_dict([s["tau"] for s in states])
+
+    def save(self, directory: str | Path) -> None:
+        """One file per rank (collective-free); a checkpoint keeps them all."""
+        torch.save(self.state_dict(), Path(directory) / f"global_clip_rank{self.log_u.rank}.pt")
+
+    def load(self, directory: str | Path) -> None:
+        """Load every saved rank's file, whatever the number of ranks that saved them."""
+        files = sorted(Path(directory).glob("global_clip_rank*.pt"))
+        if not files:
+            raise UserError(f"{directory}: no global_clip_rank*.pt to resume the global contrastive loss from")
+        self.load_state_dict([torch.load(f, weights_only=True, mmap=True) for f in files])

@@ -1,0 +1,111 @@
+"""Mined and mixed hard negatives (MoCHi) for data without explicit negative captions.
+
+A no-grad tiled sweep over the global batch keeps each anchor's top-k most similar
+non-positive candidates (a running top-k per row chunk: never a B×B matrix; one extra B×B×D
+GEMM, a quarter of the loss's four). From those, s synthetic negatives per anchor are convex
+mixtures of two of them, and s2 more mix the anchor itself with one of them (MoCHi's harder
+ones, anchor weight < ½), normalised and detached. They are then passed as
+`hard_negatives=[n, s+s2, D]` to `clip_loss` / `siglip_loss`, exactly like explicit ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses.distributed import gather_rows, rank_and_world
+from pipeline.losses.tiled import DEFAULT_CHUNK, NEG_INF, accumulation_dtype, diagonal_mask, spans
+
+
+@torch.no_grad()
+def top_k_negatives(a: torch.Tensor, b_all: torch.Tensor, k: int, *, chunk_size: int | None = None,
+                    group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, global column indices) [n, k] of each local row's k most similar columns but its own."""
+    rank, _ = rank_and_world(group)
+    n, N = a.shape[0], b_all.shape[0]
+    if not 0 < k < N:
+        raise ValueError(f"top_k must be in [1, {N - 1}] for a global batch of {N}, got {k}")
+    chunk = chunk_size or DEFAULT_CHUNK
+    acc = accumulation_dtype(a)
+    af, bf = a.to(acc), b_all.to(acc)
+    values = torch.full((n, k), NEG_INF, dtype=acc, device=af.device)
+    indices = torch.zeros((n, k), dtype=torch.long, device=af.device)
+    for i0, i1 in spans(n, chunk):
+        for j0, j1 in spans(N, chunk):
+            z = af[i0:i1] @ bf[j0:j1].T
+            mask = diagonal_mask(i0, i1, j0, j1, rank * n, af.device)
+            if mask is not None:
+                z = z.masked_fill(mask, NEG_INF)
+            cols = torch.arange(j0, j1, device=af.device).expand(i1 - i0, -1)
+            values[i0:i1], pick = torch.topk(torch.cat([values[i0:i1], z], 1), k, dim=1)
+            indices[i0:i1] = torch.gather(torch.cat([indices[i0:i1], cols], 1), 1, pick)
+    return values, indices
+
+
+@dataclass
+class MixingDraws:
+    """MoCHi's random choices for the whole global batch, so every rank and a resumed run agree."""
+    pairs: torch.Tensor  # [N, s, 2] positions in the top-k list
+    alpha: torch.Tensor  # [N, s] weight of the first of the pair, U(0, 1)
+    partner: torch.Tensor  # [N, s2] position in the top-k list mixed with the anchor
+    beta: torch.Tensor  # [N, s2] weight of the anchor, U(0, ½)
+
+    @classmethod
+    def draw(cls, generator: torch.Generator, batch: int, k: int, mixed: int, with_anchor: int) -> "MixingDraws":
+        g = generator
+        return cls(torch.randint(k, (batch, mixed, 2), generator=g), torch.rand(batch, mixed, generator=g),
+                   torch.randint(k, (batch, with_anchor), generator=g),
+                   0.5 * torch.rand(batch, with_anchor, generator=g))
+
+    def rows(self, start: int, stop: int) -> "MixingDraws":
+        return MixingDraws(self.pairs[start:stop], self.alpha[start:stop], self.partner[start:stop],
+                           self.beta[start:stop])
+
+
+@torch.no_grad()
+def mix_negatives(anchors: torch.Tensor, b_all: torch.Tensor, top: torch.Tensor, draws: MixingDraws) -> torch.Tensor:
+    """[n, s+s2, D] unit vectors α·h_p + (1−α)·h_q and β·anchor + (1−β)·h_r, h = rows of `b_all` in `top`.
+
+    Only the chosen rows are gathered (never the [n, k, D] block of all top-k candidates) and
+    mixed in place in the output, so the peak is the output plus one gathered block.
+    """
+    acc = accumulation_dtype(b_all)
+    s = draws.alpha.shape[1]
+    out = torch.empty((top.shape[0], s + draws.beta.shape[1], b_all.shape[1]), dtype=acc, device=b_all.device)
+
+    def pick(positions):
+        return b_all[torch.gather(top, 1, positions.to(top.device))]
+
+    alpha, beta = (w.to(b_all.device, acc)[..., None] for w in (draws.alpha, draws.beta))
+    out[:, :s] = pick(draws.pairs[..., 1])
+    out[:, :s].lerp_(pick(draws.pairs[..., 0]).to(acc), alpha)  # α·h_p + (1−α)·h_q
+    out[:, s:] = pick(draws.partner)
+    out[:, s:].lerp_(anchors[:, None, :].to(acc).expand_as(out[:, s:]), beta)
+    return out.div_(out.norm(dim=-1, keepdim=True).clamp_min_(1e-12))
+
+
+class MinedNegatives:
+    """Options {top_k, mixed, mix_with_anchor, start_step} → each step's synthetic negatives for a→b.
+
+    Call with the local anchors `a`, local candidates `b`, the step and a generator the caller
+    reseeds per step (identical on every rank); returns [n, mixed+mix_with_anchor, D] for
+    `hard_negatives=`, or None before `start_step` (MoCHi starts once the embedding is useful).
+    """
+
+    def __init__(self, top_k: int = 16, mixed: int = 8, mix_with_anchor: int = 0, start_step: int = 0,
+                 chunk_size: int | None = None, group=None):
+        if top_k < 1 or mixed < 0 or mix_with_anchor < 0 or mixed + mix_with_anchor == 0:
+            raise ValueError("mined negatives need top_k >= 1 and mixed + mix_with_anchor >= 1")
+        self.top_k, self.mixed, self.with_anchor, self.start_step = top_k, mixed, mix_with_anchor, start_step
+        self.chunk_size, self.group = chunk_size, group
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor | None:
+        if step < self.start_step:
+            return None
+        rank, _ = rank_and_world(self.group)
+        b_all = gather_rows(b.detach(), self.group)
+        _, top = top_k_negatives(a.detach(), b_all, self.top_k, chunk_size=self.chunk_size, group=self.group)
+        draws = MixingDraws.draw(generator, b_all.shape[0], self.top_k, self.mixed, self.with_anchor)
+        n = a.shape[0]
+        return mix_negatives(a.detach(), b_all, top, draws.rows(rank * n, rank * n + n)).to(b.dtype)
