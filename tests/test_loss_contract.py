@@ -29,8 +29,22 @@ def _pairs(features, fn):
     return sum(terms) / len(terms)
 
 
+def _global_contrastive(f, rho=8.0):
+    """SogCLR/FastCLIP's objective at a first step (u = the batch's own estimate): ½ mean over both anchor
+    directions of τ·(log g_i + ρ), g_i = mean over j≠i of exp((z_ij − z_ii)/τ), τ = 1/logit_scale."""
+    a, b = (f[m] for m in sorted(k for k in f if not k.startswith("logit")))
+    s, z = f["logit_scale"], a @ b.T
+    off = ~torch.eye(len(z), dtype=torch.bool)
+
+    def direction(logits):
+        g = (torch.exp(s * (logits - logits.diagonal()[:, None])) * off).sum(1) / (len(z) - 1)
+        return ((torch.log(g) + rho) / s).mean()
+    return 0.5 * (direction(z) + direction(z.T))
+
+
 # kind -> (options for the conformance runs, naive float64 reference of the same loss)
 REFERENCES = {
+    "global_clip": ({"chunk_size": 5}, _global_contrastive),
     "clip": ({"chunk_size": 5}, lambda f: _pairs(f, lambda a, b: ClipLoss()(a, b, f["logit_scale"]))),
     "siglip": ({"chunk_size": 5},
                lambda f: _pairs(f, lambda a, b: SigLipLoss()(a, b, f["logit_scale"], f["logit_bias"]))),
@@ -38,6 +52,19 @@ REFERENCES = {
                lambda f: Symile("n_squared")([f[m] for m in sorted(k for k in f if not k.startswith("logit"))],
                                              f["logit_scale"])),
 }
+
+
+def modalities_for(kind):
+    return ("image", "text") if kind == "global_clip" else ("audio", "image", "text")
+
+
+def build(kind, group=None):
+    options, _ = REFERENCES[kind]
+    return build_loss(loss_config(kind, **options), group=group, num_samples=B)
+
+
+def call(loss, x, rows=slice(None)):
+    return loss(x, step=3, index=torch.arange(B)[rows])
 
 
 def features(modalities=("audio", "image", "text"), dtype=torch.float64):
@@ -63,10 +90,9 @@ def test_every_registered_loss_has_a_reference():
 
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
 def test_value_and_gradients_equal_the_float64_reference(kind):
-    options, reference = REFERENCES[kind]
-    loss = build_loss(loss_config(kind, **options))
-    got, got_g = loss_and_grads(lambda x: loss(x, step=3), features())
-    want, want_g = loss_and_grads(reference, features())
+    loss, reference = build(kind), REFERENCES[kind][1]
+    got, got_g = loss_and_grads(lambda x: call(loss, x), features(modalities_for(kind)))
+    want, want_g = loss_and_grads(reference, features(modalities_for(kind)))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     for k, v in want_g.items():
         if v is not None:
@@ -75,10 +101,9 @@ def test_value_and_gradients_equal_the_float64_reference(kind):
 
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
 def test_bf16_features_give_the_fp32_loss_to_bf16_precision(kind):
-    options, _ = REFERENCES[kind]
-    loss = build_loss(loss_config(kind, **options))
-    low, low_g = loss_and_grads(lambda x: loss(x, step=3), features(dtype=torch.bfloat16))
-    high = loss(features(dtype=torch.float32), step=3)
+    loss = build(kind)
+    low, low_g = loss_and_grads(lambda x: call(loss, x), features(modalities_for(kind), torch.bfloat16))
+    high = call(loss, features(modalities_for(kind), torch.float32))
     assert low.dtype == torch.bfloat16 and torch.isfinite(low)
     assert low.float().item() == pytest.approx(high.item(), rel=2e-2)
     assert all(g is None or g.dtype == torch.bfloat16 for g in low_g.values())
@@ -86,20 +111,18 @@ def test_bf16_features_give_the_fp32_loss_to_bf16_precision(kind):
 
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
 def test_gradcache_equals_one_full_batch_backward(kind):
-    options, _ = REFERENCES[kind]
-    loss = build_loss(loss_config(kind, **options))
+    loss = build(kind)
     bias = {"init_logit_bias": -2.0} if LOSSES.get(kind, "").info.get("needs_logit_bias") else {}
-    _assert_gradcache_matches_full_batch(_batch(), 3, lambda f: loss(f, step=1), **bias)
+    _assert_gradcache_matches_full_batch(_batch(), 3, lambda f: loss(f, step=1, index=torch.arange(10)), **bias)
 
 
 def _rank(rank, world, port, kind, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = slice(rank * B // world, (rank + 1) * B // world)
-    local = {k: v[rows] if v.ndim else v for k, v in features().items()}
-    options, _ = REFERENCES[kind]
-    loss = build_loss(loss_config(kind, **options), group=dist.group.WORLD)
-    value, grads = loss_and_grads(lambda x: loss(x, step=3), local)
+    local = {k: v[rows] if v.ndim else v for k, v in features(modalities_for(kind)).items()}
+    loss = build(kind, group=dist.group.WORLD)
+    value, grads = loss_and_grads(lambda x: call(loss, x, rows), local)
     torch.save({"loss": value, "grads": grads}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
@@ -109,9 +132,8 @@ def _rank(rank, world, port, kind, out_dir):
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
 def test_ranks_return_the_global_loss_and_their_share_of_the_gradient(kind, world, tmp_path):
     mp.spawn(_rank, args=(world, free_port(), kind, str(tmp_path)), nprocs=world)
-    options, _ = REFERENCES[kind]
-    loss = build_loss(loss_config(kind, **options))
-    want, want_g = loss_and_grads(lambda x: loss(x, step=3), features())
+    loss = build(kind)
+    want, want_g = loss_and_grads(lambda x: call(loss, x), features(modalities_for(kind)))
     results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
     for r, res in enumerate(results):
         torch.testing.assert_close(res["loss"], want, rtol=1e-10, atol=1e-12)

@@ -5,15 +5,19 @@ group with O(B·D) communication. Each loss registers itself in `pipeline.regist
 every loss keeps is in `pipeline.losses.base`. Knows nothing about models or training.
 """
 from pipeline.losses.base import ContrastiveLoss
+from pipeline.losses import global_clip  # noqa: F401  (registers global_clip)
 from pipeline.losses.clip import clip_loss
 from pipeline.losses.siglip import siglip_loss
 from pipeline.losses.symile import symile_loss
 from pipeline.registry import LOSSES
 
 
-def build_loss(cfg, group=None, seed: int = 0) -> ContrastiveLoss:
-    """The registered loss for a `loss:` section (a LossSection subclass, e.g. from `loss_config`)."""
-    return LOSSES.get(cfg.kind, "loss.kind").obj(cfg, group=group, seed=seed)
+def build_loss(cfg, group=None, seed: int = 0, num_samples: int | None = None) -> ContrastiveLoss:
+    """The registered loss for a `loss:` section (a LossSection subclass, e.g. from `loss_config`);
+    losses registered with `needs_index` also get the dataset's sample count."""
+    entry = LOSSES.get(cfg.kind, "loss.kind")
+    extra = {"num_samples": num_samples} if entry.info.get("needs_index") else {}
+    return entry.obj(cfg, group=group, seed=seed, **extra)
 
 
 def loss_config(kind: str, **options):

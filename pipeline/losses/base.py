@@ -21,9 +21,10 @@ and `distributed.global_sum` for the value; a loss ported from open_clip (which 
 loss over ranks) would otherwise train silently wrong — the conformance suite
 (tests/test_loss_contract.py) checks 1 vs 2 vs 3 ranks for every registered loss.
 
-State: a loss may keep persistent state (e.g. per-sample statistics). `state_dict()` /
-`load_state_dict()` are saved per rank in every checkpoint (`rank{R}_state.pt`) and restored on
-resume; state that must survive a change in the number of ranks must be keyed by global sample index.
+State: a loss may keep persistent state (e.g. per-sample statistics). `state_dict()` is saved per rank
+in every checkpoint (`rank{R}_state.pt`); on resume `load_states()` receives every saved rank's dict,
+so state keyed by global sample index can be resharded into another number of ranks. Parameters the
+loss learns itself (`extra_parameters()`) get their gradients through GradCache like the model's.
 Updates to it are made final in `step_end(finite)`, which the trainer calls on every rank after each
 step: a step whose loss was NaN/inf on any rank (skipped, not applied) gets `finite=False`.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 from itertools import combinations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from pipeline.batch import Features, modalities_of
@@ -49,18 +51,45 @@ class ContrastiveLoss(nn.Module):
     def step_end(self, finite: bool) -> None:
         """Make this step's state updates final (finite) or drop them; stateless losses have none."""
 
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        """Parameters the loss itself learns and steps (e.g. per-sample temperatures), outside the model."""
+        return []
+
+    def load_states(self, states: list[dict]) -> None:
+        """Restore from every saved rank's `state_dict()`, in rank order (a loss keyed by sample index can
+        reshard them into another number of ranks). Stateless losses ignore them."""
+        if any(states):
+            rank = dist.get_rank(self.group) if self.group is not None else 0
+            self.load_state_dict(states[rank])
+
 
 class PairwiseLoss(ContrastiveLoss):
     """A two-modality loss averaged over every pair of modalities. Hard negatives `<m>_neg` are extra
-    candidates for the anchors of the pair's other modality."""
+    candidates for the anchors of the pair's other modality; with `mined_negatives` in the config, each
+    step adds mined and mixed ones (pipeline.losses.mined), drawn from a generator seeded by (seed, step)."""
+
+    def __init__(self, cfg: LossSection, group=None, seed: int = 0):
+        super().__init__(cfg, group, seed)
+        options = getattr(cfg, "mined_negatives", None)
+        self.miner = None
+        if options is not None:
+            from pipeline.losses.mined import MinedNegatives
+
+            self.miner = MinedNegatives(**options.model_dump(), chunk_size=cfg.chunk_size, group=group)
 
     def pair_loss(self, a: torch.Tensor, b: torch.Tensor, negatives, features: Features) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         losses = []
-        for x, y in combinations(modalities_of(features), 2):
+        for pair, (x, y) in enumerate(combinations(modalities_of(features), 2)):
             if f"{x}_neg" in features and f"{y}_neg" not in features:
                 x, y = y, x  # negatives are candidates for the other modality's anchors
-            losses.append(self.pair_loss(features[x], features[y], features.get(f"{y}_neg"), features))
+            negatives = features.get(f"{y}_neg")
+            if self.miner is not None:
+                generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 31 + pair)
+                mined = self.miner(features[x], features[y], step, generator)
+                if mined is not None:
+                    negatives = mined if negatives is None else torch.cat([negatives, mined], 1)
+            losses.append(self.pair_loss(features[x], features[y], negatives, features))
         return torch.stack(losses).mean()

@@ -1,7 +1,7 @@
 """Symmetric InfoNCE (CLIP), optionally with hard negatives and DiHT's HN-NCE weighting."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field
@@ -9,6 +9,7 @@ from pydantic import Field
 from pipeline.config import LossSection
 from pipeline.losses.base import PairwiseLoss
 from pipeline.losses.distributed import gather_with_grad, global_sum
+from pipeline.losses.mined import MinedNegativesConfig
 from pipeline.losses.tiled import DEFAULT_CHUNK, LogDenominators
 from pipeline.registry import LOSSES
 
@@ -36,6 +37,7 @@ class ClipConfig(LossSection):
     kind: Literal["clip"] = "clip"
     hard_negative_alpha: float = Field(1.0, ge=0, description="HN-NCE α: weight of the positive (1 = InfoNCE)")
     hard_negative_beta: float = Field(0.0, ge=0, description="HN-NCE β: hardness weighting (0 = InfoNCE)")
+    mined_negatives: Optional[MinedNegativesConfig] = None
 
 
 @LOSSES.register("clip", config=ClipConfig)

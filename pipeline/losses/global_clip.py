@@ -13,10 +13,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
 
+from pipeline.batch import Features, modalities_of
+from pipeline.config import LossSection
 from pipeline.errors import UserError
+from pipeline.losses.base import ContrastiveLoss
+from pipeline.registry import LOSSES
 from pipeline.losses.distributed import gather_rows, gather_with_grad, rank_and_world, sum_ranks
 from pipeline.losses.sample_table import SampleTable
 from pipeline.losses.tiled import DEFAULT_CHUNK, NEG_INF, accumulation_dtype, diagonal_mask, spans
@@ -230,3 +236,79 @@ class GlobalClipLoss:
         if not files:
             raise UserError(f"{directory}: no global_clip_rank*.pt to resume the global contrastive loss from")
         self.load_state_dict([torch.load(f, weights_only=True, mmap=True) for f in files])
+
+
+class GlobalClipConfig(LossSection):
+    kind: Literal["global_clip"] = "global_clip"
+    gamma: float = Field(0.2, gt=0, le=1, description="moving-average rate of u (with cosine: its final value)")
+    gamma_schedule: Literal["constant", "cosine"] = "constant"
+    gamma_decay_steps: Optional[int] = Field(None, gt=0, description="steps of the cosine decay of gamma from 1")
+    temperature: Literal["global", "individual"] = "global"
+    temperature_lr: Optional[float] = Field(None, gt=0, description="the temperature's own learning rate "
+                                            "(global: the logit scale's optimiser group; null = optim.lr)")
+    rho: float = Field(8.0, description="FastCLIP's rho: larger keeps a learned temperature larger")
+    tau_init: float = Field(0.07, gt=0)
+    tau_min: float = Field(0.01, gt=0)
+    tau_max: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.gamma_schedule == "cosine" and self.gamma_decay_steps is None:
+            raise ValueError("gamma_schedule 'cosine' needs gamma_decay_steps (e.g. optim.total_steps)")
+        if self.temperature == "individual" and self.temperature_lr is None:
+            raise ValueError("temperature 'individual' needs temperature_lr (its SparseAdam learning rate)")
+        return self
+
+
+@LOSSES.register("global_clip", config=GlobalClipConfig, needs_index=True)
+class GlobalClip(ContrastiveLoss):
+    """The registered `global_clip` loss over two modalities: `GlobalClipLoss` behind the loss contract.
+
+    The first modality (sorted) plays the image role, the second the text role. The u tables and
+    per-sample temperatures are its state (saved per rank, restored into any number of ranks); a
+    step's updates are kept by `step_end(True)` only. Per-sample temperatures are stepped by their
+    own SparseAdam here, outside the engine (each rank holds a shard: nothing to all-reduce)."""
+
+    def __init__(self, cfg: GlobalClipConfig, group=None, seed: int = 0, num_samples: int | None = None):
+        super().__init__(cfg, group, seed)
+        if not num_samples:
+            raise UserError("loss.kind 'global_clip' needs the dataset's sample count (sizes.json next to the shards)")
+        self.gcl = GlobalClipLoss(num_samples, gamma=cfg.gamma, gamma_schedule=cfg.gamma_schedule,
+                                  gamma_decay_steps=cfg.gamma_decay_steps, temperature=cfg.temperature, rho=cfg.rho,
+                                  tau_init=cfg.tau_init, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
+                                  chunk_size=cfg.chunk_size, group=group)
+        taus = self.gcl.temperature_parameters()
+        self.tau_optimizer = torch.optim.SparseAdam(taus, lr=cfg.temperature_lr) if taus else None
+
+    def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
+        modalities = modalities_of(features)
+        if len(modalities) != 2:
+            raise UserError(f"loss.kind 'global_clip' takes two modalities, the model has {modalities}")
+        if index is None or bool((index < 0).any()):
+            raise UserError("loss.kind 'global_clip' needs every sample's global index: put sizes.json next to "
+                            "the shards")
+        image, text = (features[m] for m in modalities)
+        return self.gcl(image, text, features["logit_scale"], index.to(image.device), step)
+
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        return self.gcl.temperature_parameters()
+
+    def step_end(self, finite: bool) -> None:
+        if finite:
+            if self.tau_optimizer is not None:
+                self.tau_optimizer.step()
+            self.gcl.commit()
+        else:
+            self.gcl.pending = None
+        if self.tau_optimizer is not None:
+            self.tau_optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        return {"gcl": self.gcl.state_dict(),
+                **({"tau_optimizer": self.tau_optimizer.state_dict()} if self.tau_optimizer else {})}
+
+    def load_states(self, states: list[dict]) -> None:
+        self.gcl.load_state_dict([s["gcl"] for s in states])
+        rank, world = rank_and_world(self.group)
+        if self.tau_optimizer is not None and len(states) == world:  # its moments are per shard: same ranks only
+            self.tau_optimizer.load_state_dict(states[rank]["tau_optimizer"])

@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 import torch.nn.functional as F
 
+from pipeline.config import Section
 from pipeline.losses.distributed import gather_rows, rank_and_world
 from pipeline.losses.tiled import DEFAULT_CHUNK, NEG_INF, accumulation_dtype, diagonal_mask, spans
 
@@ -109,3 +111,13 @@ class MinedNegatives:
         draws = MixingDraws.draw(generator, b_all.shape[0], self.top_k, self.mixed, self.with_anchor)
         n = a.shape[0]
         return mix_negatives(a.detach(), b_all, top, draws.rows(rank * n, rank * n + n)).to(b.dtype)
+
+
+class MinedNegativesConfig(Section):
+    """`loss.mined_negatives` for clip and siglip: each step's top-k non-positive columns of the global batch,
+    mixed into synthetic hard negatives (MoCHi) and used as extra candidates."""
+
+    top_k: int = Field(16, ge=1)
+    mixed: int = Field(8, ge=0, description="mixtures of two of the top-k per anchor")
+    mix_with_anchor: int = Field(0, ge=0, description="mixtures of one of the top-k with the anchor (harder)")
+    start_step: int = Field(0, ge=0, description="mine from this step on (once the embedding is useful)")

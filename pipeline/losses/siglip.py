@@ -1,7 +1,7 @@
 """Sigmoid pairwise loss (SigLIP), tiled: every pair is an independent binary decision."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 
@@ -9,6 +9,7 @@ from pipeline.config import LossSection
 from pipeline.errors import UserError
 from pipeline.losses.base import PairwiseLoss
 from pipeline.losses.distributed import gather_with_grad, global_sum
+from pipeline.losses.mined import MinedNegativesConfig
 from pipeline.losses.tiled import DEFAULT_CHUNK, SigmoidPairs
 from pipeline.registry import LOSSES
 
@@ -28,6 +29,7 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
 
 class SiglipConfig(LossSection):
     kind: Literal["siglip"] = "siglip"
+    mined_negatives: Optional[MinedNegativesConfig] = None
 
 
 @LOSSES.register("siglip", config=SiglipConfig, needs_logit_bias=True)

@@ -102,15 +102,17 @@ def _rng_state() -> dict:
     return state
 
 
-def restore_rank_state(path: Path) -> dict:
-    """Restore this rank's RNG; return its loss state ({} if the checkpoint had fewer ranks: streams restart)."""
-    if not path.is_file():
-        return {}
-    state = torch.load(path, weights_only=True)
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["loss"]
+def restore_rank_state(folder: Path, rank: int) -> list[dict]:
+    """Restore this rank's RNG (streams restart if the checkpoint had fewer ranks); return every saved
+    rank's loss state, in rank order (the loss may reshard them)."""
+    states = [torch.load(folder / _rank_file(r), weights_only=True)
+              for r in range(len(list(folder.glob("rank*_state.pt"))))]
+    if rank < len(states):
+        rng = states[rank]["rng"]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return [s["loss"] for s in states]
 
 
 def _write_latest(root: Path, tag: str) -> None:
@@ -152,10 +154,10 @@ def find_resume_tag(cfg: RunConfig, resume: Optional[str]) -> Optional[str]:
     return decide_on_rank0(decide)
 
 
-def load_checkpoint(engine, cfg: RunConfig, tag: str, rank: int) -> tuple[dict, dict]:
-    """-> (the run's client state, this rank's loss state)."""
+def load_checkpoint(engine, cfg: RunConfig, tag: str, rank: int) -> tuple[dict, list[dict]]:
+    """-> (the run's client state, every saved rank's loss state)."""
     root = checkpoint_root(cfg)
     load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise UserError(f"checkpoint {root / tag} could not be loaded; remove it or pass --resume with another one")
-    return client_state, restore_rank_state(root / tag / _rank_file(rank))
+    return client_state, restore_rank_state(root / tag, rank)

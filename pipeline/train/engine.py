@@ -20,13 +20,18 @@ from pipeline.errors import UserError
 NO_DECAY_KEYS = ("logit_scale", "logit_bias", "missing", "embedding", "cls_token", "class_embedding")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, temperature_lr: float | None = None) -> list[dict]:
+    """Decay / no-decay groups; with `temperature_lr` (a loss's option) the logit scale gets its own group."""
+    decay, no_decay, scale = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if temperature_lr and name == "logit_scale":
+            scale.append(p)
+        else:
+            (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return groups + ([{"params": scale, "weight_decay": 0.0, "lr": temperature_lr}] if scale else [])
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -87,7 +92,8 @@ class Engine:
         import deepspeed
 
         o = cfg.optim
-        optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
+        groups = param_groups(model, o.weight_decay, getattr(cfg.loss, "temperature_lr", None))
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
                                       eps=o.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_lambda(s, o.warmup_steps, o.total_steps, o.schedule, o.min_lr_ratio))

@@ -10,7 +10,7 @@ accumulation, so the per-chunk backwards add up and `engine.step()` is the one b
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -50,6 +50,11 @@ def _slice(value, sl: slice):
     return value
 
 
+def _set_grads(params: Sequence[torch.nn.Parameter], grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g
+
+
 def grad_cache_step(
     encode: Callable[[Batch], Features],
     loss_fn: Callable[[Features], torch.Tensor],
@@ -58,18 +63,22 @@ def grad_cache_step(
     micro_batch: int,
     grad_scale: float = 1.0,
     check_loss: Callable[[torch.Tensor], bool] = lambda loss: True,
+    extra_params: Sequence[torch.nn.Parameter] = (),
 ) -> torch.Tensor:
     """One GradCache forward/backward; returns the detached loss.
 
     `encode(chunk)` returns features (and logit_scale/bias) with grad; `loss_fn(features)` the loss on
     the cached features. `grad_scale` multiplies the surrogate (DeepSpeed averages gradients over
     ranks, the distributed loss gives each rank its share of the sum). If `check_loss(loss)` is False
-    (e.g. NaN on some rank) nothing is backpropagated.
+    (e.g. NaN on some rank) nothing is backpropagated. `extra_params` are the loss's own parameters
+    (outside the model and the engine): their `.grad` is set directly, unscaled.
     """
     chunks = split_batch(batch, micro_batch)
     if len(chunks) == 1:  # nothing to cache: one forward with grad is the same computation
         loss = loss_fn(encode(batch))
         if check_loss(loss):
+            if extra_params:
+                _set_grads(extra_params, torch.autograd.grad(loss, list(extra_params), retain_graph=True))
             backward(loss * grad_scale)
         return loss.detach()
     states, cached = [], []
@@ -84,7 +93,9 @@ def grad_cache_step(
     loss = loss_fn(leaves)
     if not check_loss(loss):
         return loss.detach()
-    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)))
+    *feature_grads, = torch.autograd.grad(loss, [*leaves.values(), *extra_params], allow_unused=True)
+    grads = dict(zip(leaves, feature_grads[:len(leaves)]))
+    _set_grads(extra_params, feature_grads[len(leaves):])
 
     offset = 0
     for i, (chunk, state) in enumerate(zip(chunks, states)):

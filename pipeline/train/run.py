@@ -93,19 +93,22 @@ def claim_output_dir(cfg: RunConfig, rank: int, resume: str | None, restart: boo
     return lock
 
 
-def require_sample_counts(cfg: RunConfig) -> None:
-    """A loss that keeps per-sample state needs global sample indices, hence every shard's sample count."""
+def require_sample_counts(cfg: RunConfig) -> int | None:
+    """A loss that keeps per-sample state needs global sample indices, hence every shard's sample count:
+    -> the dataset's sample count (None when the loss does not index samples)."""
     from pipeline.data.sources import expand_spec, shard_sizes
     from pipeline.registry import LOSSES
 
     if not LOSSES.get(cfg.loss.kind, "loss.kind").info.get("needs_index"):
-        return
+        return None
     urls = [u for s in expand_spec(cfg.data.train, cfg.data.train_weights) for u in s.urls]
-    missing = [u for u in urls if u not in shard_sizes(urls)]
+    sizes = shard_sizes(urls)
+    missing = [u for u in urls if u not in sizes]
     if missing:
         raise UserError(f"loss.kind {cfg.loss.kind!r} indexes samples by shard order and per-shard counts, but "
                         f"{len(missing)} shard(s) have none, e.g. {missing[0]}; put sizes.json (mmclip shards writes "
                         f"it) or img2dataset's _stats.json next to them")
+    return sum(sizes[u] for u in urls)
 
 
 def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False) -> int:
@@ -123,14 +126,14 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
     rank, world = env.rank, env.world_size
     if cfg.data.batch_size % world:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} ranks")
-    require_sample_counts(cfg)
+    num_samples = require_sample_counts(cfg)
     lock = claim_output_dir(cfg, rank, resume, restart)
     try:
         log = RunLog(cfg.output_dir, rank, world)
         set_seed(cfg.train.seed)  # accelerate's utility: python, numpy and torch (all devices) at once
         model = build_model(cfg.model)
         group = dist.group.WORLD if world > 1 else None
-        loss_module = build_loss(cfg.loss, group=group, seed=cfg.train.seed)
+        loss_module = build_loss(cfg.loss, group=group, seed=cfg.train.seed, num_samples=num_samples)
         engine = Engine(model, cfg, world)
         preprocess = tower_preprocessors(model, cfg.data, train=True)
 
@@ -141,10 +144,9 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
         trainer = Trainer(cfg, engine, loss_module, make_loader, rank, world, log)
         tag = find_resume_tag(cfg, resume)
         if tag is not None:
-            run_state, loss_state = load_checkpoint(engine.ds, cfg, tag, rank)
+            run_state, loss_states = load_checkpoint(engine.ds, cfg, tag, rank)
             trainer.load_state_dict(run_state)
-            if loss_state:
-                loss_module.load_state_dict(loss_state)
+            loss_module.load_states(loss_states)
             log.event("resume", trainer.step, checkpoint=tag)
         log.event("start", trainer.step)
         code = trainer.fit()

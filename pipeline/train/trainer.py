@@ -103,7 +103,8 @@ class Trainer:
         index = batch.get("index")
         loss = grad_cache_step(engine.encode, lambda features: self.loss_module(features, self.step, index),
                                engine.backward, inputs, micro, grad_scale=float(self.world),
-                               check_loss=lambda x: not any_rank(not torch.isfinite(x)))
+                               check_loss=lambda x: not any_rank(not torch.isfinite(x)),
+                               extra_params=self.loss_module.extra_parameters())
         finite = math.isfinite(loss.item())
         self.loss_module.step_end(finite)
         if finite:
