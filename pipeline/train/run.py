@@ -125,7 +125,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
         step, bad_steps, samples = state["step"], state["bad_steps"], state["samples"]
         skipped, position = Counter(state["skipped"]), state["data"]
         log.event("resume", step, checkpoint=tag)
-    log.event("start", step)
+    log.event("start", step, node=env.node, master=f"{env.master_addr}:{env.master_port}")
 
     def make_loader(at_step: int, epoch: int):
         return build_loader(cfg.data, split="train", modalities=modalities, preprocess=preprocess, rank=rank,
