@@ -56,9 +56,13 @@ def _resolve_nodes() -> str | None:
     if elsewhere:
         return f"the test node names resolve to other machines ({elsewhere}), not to this one"
     if None in addresses.values():
-        text = HOSTS.read_text()
-        HOSTS.write_text(text + ("" if text.endswith("\n") or not text else "\n")
-                         + f"127.0.0.1 {' '.join(NODES)}  # mmclip tests: a two-node Slurm on this machine\n")
+        line = f"127.0.0.1 {' '.join(NODES)}  # mmclip tests: a two-node Slurm on this machine\n"
+        try:
+            text = HOSTS.read_text()
+            with HOSTS.open("a") as f:
+                f.write(line if text.endswith("\n") or not text else "\n" + line)
+        except OSError as e:
+            return f"the test node names do not resolve and {HOSTS} cannot take them ({e})"
     return None
 
 
