@@ -12,3 +12,10 @@ def demo_shards(tmp_path_factory):
 
 
 from slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture: a real local Slurm)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that run jobs on the local Slurm are slow (make test-fast leaves them out)."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

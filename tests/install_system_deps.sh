@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages the suite uses when it can: a real single-node Slurm (slurmctld, slurmd, munge).
+# System packages the suite uses when it can: slurmctld, slurmd and munge, for the two-node Slurm that
+# tests/slurm_cluster.py emulates on this machine.
 # Tests that need them skip with the reason when this cannot install them (not root, no apt).
 set -u
 if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then

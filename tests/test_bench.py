@@ -5,6 +5,8 @@ import pytest
 
 from pipeline.cli import main
 
+pytestmark = pytest.mark.slow  # benchmarks start processes
+
 
 @pytest.mark.parametrize("kind", ["clip", "siglip", "symile"])
 def test_loss_bench_agrees_with_the_reference_and_writes_its_report(kind, tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "checkpointed after a signal, run me again"; the sbatch template requeues
@@ -22,6 +22,7 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     launcher: str = "none"
+    node: str = field(default_factory=socket.gethostname)  # Slurm's node name, which may not be the hostname
 
 
 def _free_port() -> int:
@@ -51,7 +52,8 @@ def discover_env(environ: Mapping[str, str] = os.environ) -> DistEnv:
         job = int(environ.get("SLURM_JOB_ID", "0"))
         return DistEnv(int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"]), int(environ.get("SLURM_LOCALID", 0)),
                        environ.get("MASTER_ADDR") or first_slurm_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                       int(environ.get("MASTER_PORT", 20000 + job % 20000)), "slurm")
+                       int(environ.get("MASTER_PORT", 20000 + job % 20000)), "slurm",
+                       environ.get("SLURMD_NODENAME") or socket.gethostname())
     return DistEnv(master_port=_free_port())
 
 

@@ -148,7 +148,7 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
             trainer.load_state_dict(run_state)
             loss_module.load_states(loss_states)
             log.event("resume", trainer.step, checkpoint=tag)
-        log.event("start", trainer.step)
+        log.event("start", trainer.step, node=env.node, master=f"{env.master_addr}:{env.master_port}")
         code = trainer.fit()
         log.close()
         return code
