@@ -234,10 +234,11 @@ def test_a_second_run_in_the_same_directory_refuses_and_sigint_stops_the_first_w
 
 @pytest.mark.slow
 def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
-    out = tmp_path / "waiting"
+    out, err = tmp_path / "waiting", tmp_path / "stderr.txt"
     sets = {"data.train": "pipe:sleep 600", "data.workers": 0}  # a shard that never arrives
-    proc = subprocess.Popen(train_cmd(1, tiny_overrides(demo_shards, out, 5, **sets)), cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(train_cmd(1, tiny_overrides(demo_shards, out, 5, **sets)), cwd=ROOT, env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
     try:
         events = out / "events.jsonl"
         deadline = time.time() + 600
@@ -245,11 +246,14 @@ def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
             time.sleep(0.5)
         time.sleep(2)  # now blocked reading the shard
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
+        leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 75, err[-3000:]
-    assert "Traceback" not in err and "mmclip: stopped by SIGTERM at step 0; no step had finished" in err
+    assert proc.returncode == 75, err.read_text()[-3000:]
+    assert "Traceback" not in err.read_text()
+    assert "mmclip: stopped by SIGTERM at step 0; no step had finished" in err.read_text()
+    assert leftover == [], "the shard's command outlived the run"
 
 
 def test_a_dead_runs_lock_is_taken_over(tmp_path):

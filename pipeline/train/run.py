@@ -49,11 +49,19 @@ def run_train(args) -> int:
 
 
 def stop_now(code: int) -> None:
+    """Exit at once, ending this process's children (loader workers, `pipe:` shard commands) with SIGTERM."""
     import os
+    import signal
     import sys
 
     sys.stdout.flush()
     sys.stderr.flush()
+    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):  # Linux; elsewhere none are listed
+        for pid in children.read_text().split():
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     if dist.is_initialized():
         dist.destroy_process_group()
     os._exit(code)
