@@ -247,7 +247,11 @@ def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
         time.sleep(2)  # now blocked reading the shard
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-        leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for _ in range(20):
+            leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            if not leftover:
+                break
+            time.sleep(0.25)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, err.read_text()[-3000:]

@@ -48,20 +48,28 @@ def run_train(args) -> int:
             dist.destroy_process_group()
 
 
+def _descendants(pid: int) -> list[int]:
+    """This process's children, grandchildren, ... from /proc (Linux; elsewhere none are listed)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            found += [child, *_descendants(child)]
+    return found
+
+
 def stop_now(code: int) -> None:
-    """Exit at once, ending this process's children (loader workers, `pipe:` shard commands) with SIGTERM."""
+    """Exit at once, ending the processes this one started (loader workers, `pipe:` shard commands)."""
     import os
     import signal
     import sys
 
     sys.stdout.flush()
     sys.stderr.flush()
-    for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):  # Linux; elsewhere none are listed
-        for pid in children.read_text().split():
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+    for pid in _descendants(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     if dist.is_initialized():
         dist.destroy_process_group()
     os._exit(code)
