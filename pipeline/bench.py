@@ -30,7 +30,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--steps", type=int, default=30)
     train.add_argument("--mem-cap-mib", type=int, default=3072)
     train.add_argument("--max-batch", type=int, default=65536)
-    for sp in (loss, data, train):
+    quality = sub.add_parser("quality", help="zero-shot quality of loss options on the demo, mean over seeds")
+    quality.add_argument("--study", choices=["small_batch", "mined"], default="small_batch")
+    quality.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    for sp in (loss, data, train, quality):
         sp.add_argument("--out", default="docs/bench", help="where tables and plots go")
 
 
@@ -53,6 +56,10 @@ def run_bench(args) -> int:
 
         setups = {c: tower_inputs(c) for c in ("configs/demo.yaml", "configs/demo_symile.yaml")}
         run_data_bench(args.shards, args.batch_size, args.workers, args.batches, args.out, setups, args.repeats)
+    elif args.bench == "quality":
+        from pipeline.train.bench_quality import run_quality_bench
+
+        run_quality_bench(args.study, args.seeds, args.out)
     else:
         from pipeline.train.bench import run_train_bench
 
