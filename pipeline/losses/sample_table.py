@@ -8,6 +8,7 @@ into any number of ranks (each rank picks the indices it now owns out of every s
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
