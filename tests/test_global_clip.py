@@ -8,10 +8,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
-from pipeline.losses.global_clip import GlobalClipLoss, gamma_at, global_clip_loss
-from pipeline.errors import UserError
 from test_tiled_losses_distributed import free_port
+
+from pipeline.errors import UserError
+from pipeline.losses.global_clip import GlobalClipLoss, gamma_at, global_clip_loss
 
 N, D, M = 12, 6, 30  # global batch, feature dim, dataset size
 GAMMA, RHO = 0.3, 0.5

@@ -8,11 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
+from test_tiled_losses import naive_hn_nce
+from test_tiled_losses_distributed import free_port
 
 from pipeline.losses import clip_loss, siglip_loss
 from pipeline.losses.mined import MinedNegatives, MixingDraws, top_k_negatives
-from test_tiled_losses import naive_hn_nce
-from test_tiled_losses_distributed import free_port
 
 N, D, K, S, S2 = 12, 6, 4, 3, 2
 

@@ -4,8 +4,8 @@ gradients (custom autograd Functions that recompute tiles in backward) and distr
 group with O(B·D) communication. Each loss registers itself in `pipeline.registry.LOSSES`; the contract
 every loss keeps is in `pipeline.losses.base`. Knows nothing about models or training.
 """
-from pipeline.losses.base import ContrastiveLoss
 from pipeline.losses import global_clip  # noqa: F401  (registers global_clip)
+from pipeline.losses.base import ContrastiveLoss
 from pipeline.losses.clip import clip_loss
 from pipeline.losses.siglip import siglip_loss
 from pipeline.losses.symile import symile_loss

@@ -22,10 +22,10 @@ from pipeline.batch import Features, modalities_of
 from pipeline.config import LossSection
 from pipeline.errors import UserError
 from pipeline.losses.base import ContrastiveLoss
-from pipeline.registry import LOSSES
 from pipeline.losses.distributed import gather_rows, gather_with_grad, rank_and_world, sum_ranks
 from pipeline.losses.sample_table import SampleTable
 from pipeline.losses.tiled import DEFAULT_CHUNK, NEG_INF, accumulation_dtype, diagonal_mask, spans
+from pipeline.registry import LOSSES
 
 
 class AnchorLogSumExp(torch.autograd.Function):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import Field
-import torch.nn.functional as F
 
 from pipeline.config import Section
 from pipeline.losses.distributed import gather_rows, rank_and_world

@@ -4,8 +4,8 @@ Layout under `output_dir/checkpoints/`: `step_00000100/` (DeepSpeed's files, one
 per rank with its RNG state and its share of the loss's state, a consolidated `model.safetensors` +
 `model_config.yaml`, and `manifest.json` with every file's size and CRC32), and `latest` naming the
 newest one. A checkpoint is written under `step_X.tmp` and renamed when every rank is done, so a kill
-at any moment leaves the previous checkpoint intact. Each rank hashes the files it wrote right after writing them; rank 0 merges
-the lists and writes the manifest last. Only a checkpoint whose manifest verifies is resumed
+at any moment leaves the previous checkpoint intact. Each rank hashes the files it wrote right after
+writing them; rank 0 merges the lists and writes the manifest last. Only a checkpoint whose manifest verifies is resumed
 from: `--resume latest` passes over (and names) any that do not.
 """
 from __future__ import annotations

@@ -59,6 +59,7 @@ def _descendants(pid: int) -> list[int]:
 
 def stop_now(code: int) -> None:
     """Exit at once, ending the processes this one started (loader workers, `pipe:` shard commands)."""
+    import contextlib
     import os
     import signal
     import sys
@@ -66,10 +67,8 @@ def stop_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     for pid in _descendants(os.getpid()):
-        try:
+        with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     if dist.is_initialized():
         dist.destroy_process_group()
     os._exit(code)
