@@ -1,7 +1,12 @@
 """The small-batch loss bench runs end to end at a toy size and writes its table and JSON."""
 import json
 
+import pytest
+
 from pipeline.losses.bench_small_batch import IMPLS, run_small_batch_bench
+
+
+pytestmark = pytest.mark.slow  # a benchmark, even at a toy size
 
 
 def test_small_batch_bench_writes_every_row(tmp_path):

@@ -100,6 +100,7 @@ def test_safetensors_export_round_trips(saved_model, tmp_path, capsys):
 
 @pytest.mark.parametrize("task,name", [("zeroshot_classification", "fashion_mnist"),
                                        ("zeroshot_retrieval", "fashion_mnist_retrieval")])
+@pytest.mark.slow
 def test_clip_benchmark_judge_agrees_with_mmclip_eval(demo_shards, saved_model, tmp_path, task, name):
     root = demo_shards / "demo" / "wds" / name
     export = tmp_path / "export"

@@ -39,6 +39,7 @@ def _eval(spec, task, dataset, out):
     ("hf", "zeroshot_classification"), ("hf", "zeroshot_retrieval"), ("open_clip", "zeroshot_classification"),
     ("local-dir", "zeroshot_retrieval"), ("safetensors", "zeroshot_classification"),
     ("open_clip_arch", "zeroshot_classification")])
+@pytest.mark.slow
 def test_every_model_kind_scores_like_the_run(demo_shards, exports, tmp_path, kind, task):
     name = "fashion_mnist" if task == "zeroshot_classification" else "fashion_mnist_retrieval"
     dataset = demo_shards / "demo" / "wds" / name
@@ -49,6 +50,7 @@ def test_every_model_kind_scores_like_the_run(demo_shards, exports, tmp_path, ki
         assert theirs[k] == pytest.approx(v, abs=1e-4), k
 
 
+@pytest.mark.slow
 def test_dual_encoder_export_scores_like_the_run(demo_shards, tmp_path):
     text = {"kind": "hf_text", "name": str(_bert(tmp_path)),
             "options": {"context_length": 12, "hf_pooler_type": "cls_pooler", "hf_proj_type": "linear"}}

@@ -192,6 +192,7 @@ def worker(rank, world, port, individual, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("individual", [False, True])
 def test_two_ranks_equal_one_and_state_reshards(individual, tmp_path):
     world = 2

@@ -113,6 +113,7 @@ def _save_pngs(tmp_path, shapes):
     return paths
 
 
+@pytest.mark.slow
 def test_clip_export_loads_with_transformers_alone_and_gives_the_same_embeddings(demo_shards, tmp_path, capsys):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT})
     model = _perturbed(cfg)
@@ -151,6 +152,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_open_clip_export_loads_with_open_clip_alone(demo_shards, tmp_path):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT})
     model = _perturbed(cfg)
@@ -281,6 +283,7 @@ def _bert(tmp_path):
     return hf
 
 
+@pytest.mark.slow
 def test_hf_text_tower_exports_as_dual_encoder_only_with_pooler_and_linear_projection(demo_shards, tmp_path):
     hf = _bert(tmp_path)
     text = {"kind": "hf_text", "name": str(hf), "options": {"context_length": 12}}
@@ -336,6 +339,7 @@ with torch.no_grad():
     ({"model_type": "whisper", "d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
       "encoder_ffn_dim": 64, "max_source_positions": 32, "n_mels": 16}, 64),
 ], ids=["ast", "whisper"])
+@pytest.mark.slow
 def test_audio_towers_go_beside_the_model_and_are_announced(tmp_path, options, frames):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT, "audio": {"kind": "hf_audio",
                                                                                   "options": options}})

@@ -116,6 +116,7 @@ def worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_mine_the_global_batch(tmp_path):
     world = 2
     mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
