@@ -5,7 +5,6 @@ import pytest
 
 from pipeline.losses.bench_small_batch import IMPLS, run_small_batch_bench
 
-
 pytestmark = pytest.mark.slow  # a benchmark, even at a toy size
 
 
