@@ -88,6 +88,8 @@ class LossConfig(Section):
     hard_negative_alpha: float = Field(1.0, ge=0)
     hard_negative_beta: float = Field(0.0, ge=0)
     symile_negatives: Literal["n", "n_squared"] = "n"
+    compute_dtype: Literal["auto", "fp32"] = Field(
+        "auto", description="tile GEMMs in the features' dtype (auto) or fp32; statistics stay fp32")
 
 
 # --------------------------------------------------------------------- optimisation

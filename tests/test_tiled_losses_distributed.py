@@ -1,6 +1,7 @@
 """With a process group, each rank's loss is the global loss and its gradients are its share:
 feature gradients equal the matching slices of the single-process gradients, and the scale/bias
-gradients summed over ranks equal the single-process ones (counted once). 2 and 3 gloo ranks."""
+gradients summed over ranks equal the single-process ones (counted once). 2 and 3 gloo ranks; on 2
+ranks the bf16 path too, against float64 of the same bf16 values (the tolerances of test_tiled_losses_bf16)."""
 import os
 import socket
 
@@ -15,11 +16,17 @@ from pipeline.losses import clip_loss, siglip_loss, symile_loss
 B, D, K = 12, 6, 2
 
 
-def inputs():
+def inputs(dtype=torch.float64):
+    """float64 inputs, or bf16 ones (fp32 scale and bias) whose values are exactly representable."""
     g = torch.Generator().manual_seed(0)
-    unit = lambda *s: F.normalize(torch.randn(*s, generator=g, dtype=torch.float64), dim=-1)
+    unit = lambda *s: F.normalize(torch.randn(*s, generator=g, dtype=torch.float64), dim=-1).to(dtype)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
     return {"f": [unit(B, D) for _ in range(3)], "negs": unit(B, K, D),
-            "scale": torch.tensor(5.0, dtype=torch.float64), "bias": torch.tensor(-2.0, dtype=torch.float64)}
+            "scale": torch.tensor(5.0, dtype=stat), "bias": torch.tensor(-2.0, dtype=stat)}
+
+
+def as_float64(x):
+    return {k: [t.double() for t in v] if isinstance(v, list) else v.double() for k, v in x.items()}
 
 
 def run_case(case, feats, negs, scale, bias, group):
@@ -46,10 +53,10 @@ def grads(case, x, group):
                            "bias": x["bias"].grad}
 
 
-def worker(rank, world, port, case, out_dir):
+def worker(rank, world, port, case, out_dir, dtype=torch.float64):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    full = inputs()
+    full = inputs(dtype)
     rows = slice(rank * B // world, (rank + 1) * B // world)
     local = leaves({"f": [t[rows] for t in full["f"]], "negs": full["negs"][rows], "scale": full["scale"],
                     "bias": full["bias"]})
@@ -81,3 +88,27 @@ def test_distributed_loss_equals_global_loss(case, world, tmp_path):
     for key in ("scale", "bias"):
         if ref[key] is not None:
             torch.testing.assert_close(sum(res["g"][key] for res in results), ref[key], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["clip", "siglip", "symile_n", "symile_n_squared"])
+def test_distributed_bf16_loss_is_close_to_float64(case, tmp_path):
+    world = 2
+    mp.spawn(worker, args=(world, free_port(), case, str(tmp_path), torch.bfloat16), nprocs=world)
+    ref_loss, ref = grads(case, leaves(as_float64(inputs(torch.bfloat16))), None)
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
+
+    def joined(key, m=None):  # every rank's rows of one gradient, back in global order
+        return torch.cat([(res["g"][key] if m is None else res["g"][key][m]).double() for res in results])
+
+    cosine = lambda got, want: F.cosine_similarity(got.flatten(), want.flatten(), 0).item()
+    for res in results:
+        assert abs(res["loss"].double() - ref_loss).item() <= 3e-3 * abs(ref_loss).item()
+    for m, want in enumerate(ref["f"]):
+        if want is not None:
+            assert results[0]["g"]["f"][m].dtype == torch.bfloat16 and cosine(joined("f", m), want) >= 0.9999
+    if ref["negs"] is not None:
+        assert cosine(joined("negs"), ref["negs"]) >= 0.9999
+    for key in ("scale", "bias"):
+        if ref[key] is not None:
+            got = sum(res["g"][key].double() for res in results)
+            assert abs(got - ref[key]).item() <= 1e-2 * abs(ref[key]).item()

@@ -4,23 +4,29 @@ from __future__ import annotations
 import torch
 
 from pipeline.losses.distributed import gather_with_grad, global_sum
-from pipeline.losses.tiled import DEFAULT_CHUNK, LogDenominators
+from pipeline.losses.tiled import LogDenominators, default_chunk, gemm_dtype, stat_dtype
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, chunk_size: int | None = None,
               hard_negatives: torch.Tensor | None = None, hard_negative_alpha: float = 1.0,
-              hard_negative_beta: float = 0.0, group=None) -> torch.Tensor:
+              hard_negative_beta: float = 0.0, compute_dtype: str = "auto", group=None) -> torch.Tensor:
     """½[CE(s·A·Bᵀ) + CE(s·B·Aᵀ)] over the global batch, never materialising the B×B logits.
 
     With the defaults this equals `open_clip.loss.ClipLoss()(a, b, logit_scale)`. `hard_negatives`
     [B, K, D] are extra candidates for the a→b direction of each row (NegCLIP). α/β weight the
-    negatives as in DiHT's HN-NCE (α=1, β=0: InfoNCE; α=0, β=0: DCL). With `group`, each rank
-    passes its rows; every rank gets the global loss and its share of the global gradient.
+    negatives as in DiHT's HN-NCE (α=1, β=0: InfoNCE; α=0, β=0: DCL). `compute_dtype`: "auto"
+    runs the tile GEMMs in the features' dtype (bf16/fp16), "fp32" casts them to fp32; statistics
+    are fp32 either way (see pipeline.losses.tiled).
+
+    With `group`, each rank passes its local rows; every rank returns the GLOBAL loss value, and
+    gradients flow only into this rank's share, so summed over ranks they equal the
+    single-process gradient (the trainer multiplies by the world size because DeepSpeed averages).
     """
     b_all = gather_with_grad(b, group)
-    positives = logit_scale * (a * b).sum(-1)
+    gd = gemm_dtype(a, compute_dtype)
+    positives = logit_scale * (a.to(gd) * b.to(gd)).sum(-1, dtype=stat_dtype(a))
     denominators = LogDenominators.apply(a, b_all, logit_scale, positives, hard_negatives,
                                          float(hard_negative_alpha), float(hard_negative_beta), True,
-                                         chunk_size or DEFAULT_CHUNK, group)
+                                         chunk_size or default_chunk(a.device), group, compute_dtype)
     local = 0.5 * denominators - positives.to(denominators.dtype).sum()
-    return (global_sum(local, group) / b_all.shape[0]).to(a.dtype)
+    return global_sum(local, group) / b_all.shape[0]

@@ -6,24 +6,29 @@ from typing import Sequence
 import torch
 
 from pipeline.losses.distributed import gather_with_grad, global_sum
-from pipeline.losses.tiled import DEFAULT_CHUNK, LogDenominators, TupleLogDenominators
+from pipeline.losses.tiled import LogDenominators, TupleLogDenominators, default_chunk, gemm_dtype, stat_dtype
 
 
 def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, negatives: str = "n",
                 chunk_size: int | None = None, generator: torch.Generator | None = None,
-                group=None) -> torch.Tensor:
+                compute_dtype: str = "auto", group=None) -> torch.Tensor:
     """Mean over anchors of CE(s·MIP(anchor_i, candidates), positive = row i's own tuple).
 
     negatives="n": candidates are the row-wise product of the other modalities, each with a
     random row permutation from `generator` (global RNG if None), the true MIP on the diagonal.
     negatives="n_squared": every tuple of other-modality rows is a candidate (B^(M-1) columns,
-    tiled, equal to `symile.Symile("n_squared")`).
+    tiled, equal to `symile.Symile("n_squared")`). `compute_dtype` as in `clip_loss`.
+
+    With `group`, each rank passes its local rows; every rank returns the GLOBAL loss value, and
+    gradients flow only into this rank's share (summed over ranks: the single-process gradient).
     """
     if len(features) < 2:
         raise ValueError(f"symile_loss needs at least 2 modalities, got {len(features)}")
     if negatives not in ("n", "n_squared"):
         raise ValueError(f"negatives must be 'n' or 'n_squared', got {negatives!r}")
-    chunk = chunk_size or DEFAULT_CHUNK
+    chunk = chunk_size or default_chunk(features[0].device)
+    stat = stat_dtype(features[0])
+    features = [f.to(gemm_dtype(f, compute_dtype)) for f in features]  # tuple products in the GEMM dtype too
     gathered = [gather_with_grad(f, group) for f in features]
     n_global = gathered[0].shape[0]
     total = None
@@ -33,14 +38,15 @@ def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, 
         true_tuple = anchor
         for o in others_local:
             true_tuple = true_tuple * o
-        positives = logit_scale * true_tuple.sum(-1)
+        positives = logit_scale * true_tuple.sum(-1, dtype=stat)
         if negatives == "n":
             candidates = torch.ones_like(others[0])
             for o in others:
                 candidates = candidates * o[torch.randperm(n_global, generator=generator).to(o.device)]
-            dens = LogDenominators.apply(anchor, candidates, logit_scale, positives, None, 1.0, 0.0, False, chunk, group)
+            dens = LogDenominators.apply(anchor, candidates, logit_scale, positives, None, 1.0, 0.0, False, chunk, group,
+                                         compute_dtype)
         else:
-            dens = TupleLogDenominators.apply(anchor, logit_scale, positives, chunk, group, *others)
+            dens = TupleLogDenominators.apply(anchor, logit_scale, positives, chunk, group, compute_dtype, *others)
         loss = dens - positives.to(dens.dtype).sum()
         total = loss if total is None else total + loss
-    return (global_sum(total, group) / (n_global * len(features))).to(features[0].dtype)
+    return global_sum(total, group) / (n_global * len(features))

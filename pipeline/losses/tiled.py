@@ -2,7 +2,21 @@
 
 Each engine is a custom autograd Function that sweeps tiles once in forward (keeping only
 per-row / per-column statistics) and recomputes every tile in backward to form the gradient
-with two GEMMs per tile. Inputs of any float dtype accumulate in fp32 (fp64 stays fp64).
+with two GEMMs per tile.
+
+Precision. Tile GEMMs run in the *GEMM dtype*: the features' own dtype (bf16/fp16) with
+`compute_dtype="auto"`, fp32 with `compute_dtype="fp32"` (inputs cast on entry), fp64 for fp64
+inputs. Running log-sum-exps, softmax weights, scale/bias gradients, feature-gradient
+accumulators and every statistic stay fp32 (fp64 for fp64 inputs); gradients come back in the
+inputs' dtypes. On CUDA a low-precision GEMM writes fp32 logits (`torch.mm(..., out_dtype=
+torch.float32)`); CPU has no such kernel, so there each logit is rounded to bf16 once, as under
+open_clip's amp_bf16 autocast. Measured cost against a float64 evaluation of the same bf16
+inputs (B = 4,096, D = 512, s = 100, `mmclip bench loss --dtype bf16`): see the README.
+
+Tile size per device (`default_chunk`): 1024 on CPU (a 1024×1024 fp32 tile is 4 MiB, large
+enough for full-speed bf16 and fp32 GEMMs and small enough to stay in the last-level cache for
+the elementwise passes); 4096 on CUDA, where larger GEMMs are needed to fill the device
+(a choice, not measured here: no GPU on the benchmark machine).
 """
 from __future__ import annotations
 
@@ -14,11 +28,32 @@ import torch.nn.functional as F
 from pipeline.losses.distributed import gather_rows, rank_and_world
 
 NEG_INF = float("-inf")
-DEFAULT_CHUNK = 1024  # 1024² fp32 logits = 4 MiB a tile: GEMMs large enough to run at full speed on CPU
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+COMPUTE_DTYPES = ("auto", "fp32")
 
 
-def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+def default_chunk(device: torch.device) -> int:
+    return 4096 if device.type == "cuda" else 1024
+
+
+def stat_dtype(t: torch.Tensor) -> torch.dtype:
+    """Statistics and accumulators: fp32, or fp64 for fp64 inputs."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gemm_dtype(t: torch.Tensor, compute: str) -> torch.dtype:
+    if compute not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute!r}")
+    if compute == "auto" and t.dtype in LOW_PRECISION:
+        return t.dtype
+    return stat_dtype(t)
+
+
+def mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y; a low-precision GEMM on CUDA writes fp32, on CPU (no such kernel) it keeps x's dtype."""
+    if x.is_cuda and x.dtype in LOW_PRECISION:
+        return torch.mm(x, y, out_dtype=torch.float32)
+    return x @ y
 
 
 def spans(n: int, size: int) -> list[tuple[int, int]]:
@@ -33,11 +68,48 @@ def diagonal_mask(i0: int, i1: int, j0: int, j1: int, offset: int, device) -> to
     return rows == torch.arange(j0, j1, device=device)[None, :]
 
 
+def tile_logsumexps(dots: torch.Tensor, scale: float, dtype: torch.dtype, cols: bool):
+    """Row and (if `cols`) column log-sum-exps of z = scale·dots (scale > 0) in `dtype`, one exp pass.
+
+    The scale is applied inside the fp32 pass that shifts each row by its maximum m_i (not folded
+    into the bf16 operands, which would round the logits twice). The columns reuse the
+    row-shifted exponentials e_ij = exp(z_ij − m_i):
+    Σ_i exp(z_ij) = exp(M)·Σ_i exp(m_i − M)·e_ij, one GEMV. A column whose sum comes near
+    underflow (its maximum ~60 below the tile's in fp32) is redone directly, so the result
+    stays exact to the dtype's precision.
+    """
+    z = dots.to(dtype, copy=True)  # one conversion pass; the in-place passes below then run vectorised
+    m = (z.amax(1) * scale).clamp_(min=torch.finfo(dtype).min)  # a fully masked row: finite shift
+    e = torch.add(-m[:, None], z, alpha=scale, out=z).exp_()
+    rows = m + e.sum(1).log()
+    if not cols:
+        return rows, None
+    top = m.max()
+    col_sums = torch.exp(m - top) @ e
+    columns = top + col_sums.log()
+    low = col_sums < torch.finfo(dtype).tiny ** 0.7
+    if low.any():
+        columns[low] = torch.logsumexp(scale * dots[:, low].to(dtype), 0)
+    return rows, columns
+
+
+def positive_scale(s: torch.Tensor) -> float:
+    value = float(s)
+    if not value > 0:
+        raise ValueError(f"logit_scale must be positive (it is exp of the learned log scale), got {value}")
+    return value
+
+
 def softmax_weights(z, l1, l2, beta):
     """d/dz of LSE((1+β)z) − LSE(βz) given both LSEs: (1+β)·softmax((1+β)z) − β·softmax(βz)."""
     if not beta:
         return torch.exp(z - l1)
     return (1 + beta) * torch.exp((1 + beta) * z - l1) - beta * torch.exp(beta * z - l2)
+
+
+def negative_logits(rows: torch.Tensor, negs: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """s·⟨a_i, n_ik⟩ [n, K] in the statistics dtype (GEMM in the rows' dtype)."""
+    return s * torch.einsum("nd,nkd->nk", rows, negs).to(s.dtype)
 
 
 class LogDenominators(torch.autograd.Function):
@@ -49,43 +121,41 @@ class LogDenominators(torch.autograd.Function):
     rank·n + i. With HN-NCE (α, β) the log-denominator is
     log(α·e^{z_ii} + N_neg · Σ_{j≠i} e^{(1+β)z_ij} / Σ_{j≠i} e^{βz_ij}); α=1, β=0 is InfoNCE.
     Tiles of chunk×chunk logits are made, reduced by online log-sum-exp and dropped; backward
-    makes them again. Only O(n + N) statistics are kept.
+    makes them again. Only O(n + N) statistics are kept. The logit scale rides in the fp32 pass
+    that shifts the exponent, and ∂/∂s comes from the gradient accumulators
+    (Σ_ij G_ij⟨a_i, b_j⟩ = Σ_i ⟨a_i, Σ_j G_ij b_j⟩), so no tile pass is spent on either.
     """
 
     @staticmethod
-    def forward(ctx, a, b, scale, zd, negs, alpha, beta, cols, chunk, group):
+    def forward(ctx, a, b, scale, zd, negs, alpha, beta, cols, chunk, group, compute):
         rank, _ = rank_and_world(group)
         n, N = a.shape[0], b.shape[0]
         offset = rank * n
-        acc = accumulation_dtype(a)
-        af, bf = a.detach().to(acc), b.detach().to(acc)
-        s = scale.detach().to(acc)
-        dev = af.device
-        r1 = torch.full((n,), NEG_INF, device=dev, dtype=acc)
-        r2 = torch.full((n,), NEG_INF, device=dev, dtype=acc)
-        c1 = torch.full((N,), NEG_INF, device=dev, dtype=acc)
-        c2 = torch.full((N,), NEG_INF, device=dev, dtype=acc)
+        st, gd = stat_dtype(a), gemm_dtype(a, compute)
+        ag, bg = a.detach().to(gd), b.detach().to(gd)
+        s = scale.detach().to(st)
+        sf = positive_scale(s)
+        dev = ag.device
+        r1, r2 = (torch.full((n,), NEG_INF, device=dev, dtype=st) for _ in range(2))
+        c1, c2 = (torch.full((N,), NEG_INF, device=dev, dtype=st) for _ in range(2))
         for i0, i1 in spans(n, chunk):
             for j0, j1 in spans(N, chunk):
-                z = s * (af[i0:i1] @ bf[j0:j1].T)
+                dots = mm(ag[i0:i1], bg[j0:j1].T)
                 m = diagonal_mask(i0, i1, j0, j1, offset, dev)
                 if m is not None:
-                    z = z.masked_fill(m, NEG_INF)
-                zb = z if not beta else (1 + beta) * z
-                r1[i0:i1] = torch.logaddexp(r1[i0:i1], torch.logsumexp(zb, 1))
-                if cols:
-                    c1[j0:j1] = torch.logaddexp(c1[j0:j1], torch.logsumexp(zb, 0))
-                if beta:
-                    r2[i0:i1] = torch.logaddexp(r2[i0:i1], torch.logsumexp(beta * z, 1))
+                    dots = dots.masked_fill(m, NEG_INF)
+                for factor, rs, cs in ((1 + beta, r1, c1), (beta, r2, c2)) if beta else ((1.0, r1, c1),):
+                    row_lse, col_lse = tile_logsumexps(dots, factor * sf, st, cols)
+                    rs[i0:i1] = torch.logaddexp(rs[i0:i1], row_lse)
                     if cols:
-                        c2[j0:j1] = torch.logaddexp(c2[j0:j1], torch.logsumexp(beta * z, 0))
+                        cs[j0:j1] = torch.logaddexp(cs[j0:j1], col_lse)
         if negs is not None:
-            zn = s * torch.einsum("nd,nkd->nk", af, negs.detach().to(acc))
+            zn = negative_logits(ag, negs.detach().to(gd), s)
             r1 = torch.logaddexp(r1, torch.logsumexp((1 + beta) * zn, 1))
             if beta:
                 r2 = torch.logaddexp(r2, torch.logsumexp(beta * zn, 1))
         k = 0 if negs is None else negs.shape[1]
-        zdf = zd.detach().to(acc)
+        zdf = zd.detach().to(st)
         log_alpha = math.log(alpha) if alpha > 0 else NEG_INF
         v_row = r1 if not beta else math.log(N - 1 + k) + r1 - r2
         d_row = torch.logaddexp(log_alpha + zdf, v_row)
@@ -101,116 +171,136 @@ class LogDenominators(torch.autograd.Function):
             total = total + d_col_local.sum()
             d_col = gather_rows(d_col_local, group)
         ctx.save_for_backward(a, b, scale, zd, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col)
-        ctx.cfg = (alpha, beta, cols, chunk, group, offset, N)
+        ctx.cfg = (alpha, beta, cols, chunk, offset, N, compute)
         return total
 
     @staticmethod
     def backward(ctx, g):
         a, b, scale, zd, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col = ctx.saved_tensors
-        alpha, beta, cols, chunk, group, offset, N = ctx.cfg
-        acc = accumulation_dtype(a)
-        g = g.to(acc)
-        af, bf = a.detach().to(acc), b.detach().to(acc)
-        s = scale.detach().to(acc)
-        n = a.shape[0]
-        dev = af.device
-        ga = torch.zeros_like(af)
-        gb = torch.zeros_like(bf)
-        gs = torch.zeros((), device=dev, dtype=acc)
+        alpha, beta, cols, chunk, offset, N, compute = ctx.cfg
+        st, gd = stat_dtype(a), gemm_dtype(a, compute)
+        g = g.to(st)
+        ag, bg = a.detach().to(gd), b.detach().to(gd)
+        nf = None if negs is None else negs.detach().to(gd)
+        s = scale.detach().to(st)
+        n, D = a.shape
+        dev = ag.device
+        ga = torch.empty_like(a)
+        gb = torch.zeros(N, D, device=dev, dtype=st)
+        gneg = None if negs is None else torch.empty_like(negs)
+        gs = torch.zeros((), device=dev, dtype=st)
         w_row = torch.exp(v_row - d_row)  # weight of the off-diagonal part in each row
         w_col = torch.exp(v_col - d_col) if cols else None
+        sf = positive_scale(s)
         for i0, i1 in spans(n, chunk):
+            rows = ag[i0:i1]
+            acc = torch.zeros(i1 - i0, D, device=dev, dtype=st)  # Σ_j G_ij b_j of this row block
             for j0, j1 in spans(N, chunk):
-                z = s * (af[i0:i1] @ bf[j0:j1].T)
-                G = w_row[i0:i1, None] * softmax_weights(z, r1[i0:i1, None], r2[i0:i1, None], beta)
-                if cols:
-                    G = G + w_col[None, j0:j1] * softmax_weights(z, c1[None, j0:j1], c2[None, j0:j1], beta)
+                dots = mm(rows, bg[j0:j1].T)
+                if beta:
+                    zf = s * dots.to(st)
+                    G = w_row[i0:i1, None] * softmax_weights(zf, r1[i0:i1, None], r2[i0:i1, None], beta)
+                    if cols:
+                        G += w_col[None, j0:j1] * softmax_weights(zf, c1[None, j0:j1], c2[None, j0:j1], beta)
+                else:  # v = LSE when β = 0, so w·exp(z − LSE) = exp(z − d): one exp per direction
+                    G = dots.to(st, copy=True)
+                    by_col = torch.add(-d_col[None, j0:j1], G, alpha=sf).exp_() if cols else None
+                    torch.add(-d_row[i0:i1, None], G, alpha=sf, out=G).exp_()
+                    if cols:
+                        G += by_col
                 m = diagonal_mask(i0, i1, j0, j1, offset, dev)
                 if m is not None:
-                    G = G.masked_fill(m, 0.0)
-                gs += (G * z).sum() * (g / s)
-                G = G * (g * s)
-                ga[i0:i1] += G @ bf[j0:j1]
-                gb[j0:j1] += G.T @ af[i0:i1]
-        gneg = None
-        if negs is not None:
-            nf = negs.detach().to(acc)
-            zn = s * torch.einsum("nd,nkd->nk", af, nf)
-            Gn = g * w_row[:, None] * softmax_weights(zn, r1[:, None], r2[:, None], beta)
-            ga += s * torch.einsum("nk,nkd->nd", Gn, nf)
-            gneg = (s * Gn[:, :, None] * af[:, None, :]).to(negs.dtype)
-            gs += (Gn * zn).sum() / s
+                    G.masked_fill_(m, 0.0)
+                G = G.to(gd)
+                acc += mm(G, bg[j0:j1]).to(st)  # fp32 += bf16 in two passes beats one mixed-dtype pass
+                gb[j0:j1] += mm(G.T, rows).to(st)
+            if negs is not None:
+                zn = negative_logits(rows, nf[i0:i1], s)
+                Gn = w_row[i0:i1, None] * softmax_weights(zn, r1[i0:i1, None], r2[i0:i1, None], beta)
+                acc += torch.einsum("nk,nkd->nd", Gn.to(gd), nf[i0:i1]).to(st)
+                gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
+            gs += (acc * rows).sum()
+            ga[i0:i1] = acc * (g * s)
         log_alpha = math.log(alpha) if alpha > 0 else NEG_INF
-        zdf = zd.detach().to(acc)
+        zdf = zd.detach().to(st)
         gzd = torch.exp(log_alpha + zdf - d_row)
         if cols:
             gzd = gzd + torch.exp(log_alpha + zdf - d_col[offset:offset + n])
         gzd = (g * gzd).to(zd.dtype)
-        return (ga.to(a.dtype), gb.to(b.dtype), gs.reshape(scale.shape).to(scale.dtype), gzd, gneg,
-                None, None, None, None, None)
+        return (ga, gb.mul_(g * s).to(b.dtype), (gs * g).reshape(scale.shape).to(scale.dtype), gzd, gneg,
+                None, None, None, None, None, None)
 
 
 class SigmoidPairs(torch.autograd.Function):
     """Σ over this rank's rows and all columns of −log σ(y_ij·(s·a_i·b_j + bias)), y = +1 on the diagonal.
 
     Elementwise, so tiles need no running statistics; hard negatives add K pairs with y = −1 per row.
+    Precision as in LogDenominators: GEMMs in the GEMM dtype, softplus, sigmoid and sums in fp32.
     """
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, negs, chunk, group):
+    def forward(ctx, a, b, scale, bias, negs, chunk, group, compute):
         rank, _ = rank_and_world(group)
         n, N = a.shape[0], b.shape[0]
         offset = rank * n
-        acc = accumulation_dtype(a)
-        af, bf = a.detach().to(acc), b.detach().to(acc)
-        s, t = scale.detach().to(acc), bias.detach().to(acc)
-        total = torch.zeros((), dtype=acc, device=af.device)
+        st, gd = stat_dtype(a), gemm_dtype(a, compute)
+        ag, bg = a.detach().to(gd), b.detach().to(gd)
+        s, t = scale.detach().to(st), bias.detach().to(st).reshape(1)  # 1-element, not 0-dim: adding promotes
+        total = torch.zeros((), dtype=st, device=ag.device)
+        sf = float(s)
         for i0, i1 in spans(n, chunk):
             for j0, j1 in spans(N, chunk):
-                z = s * (af[i0:i1] @ bf[j0:j1].T) + t
-                m = diagonal_mask(i0, i1, j0, j1, offset, af.device)
+                z = mm(ag[i0:i1], bg[j0:j1].T).to(st, copy=True)
+                torch.add(t, z, alpha=sf, out=z)
+                m = diagonal_mask(i0, i1, j0, j1, offset, ag.device)
                 # −log σ(−x) = softplus(x) for negatives; positives flip the sign
                 total += F.softplus(z if m is None else torch.where(m, -z, z)).sum()
         if negs is not None:
-            total += F.softplus(s * torch.einsum("nd,nkd->nk", af, negs.detach().to(acc)) + t).sum()
+            total += F.softplus(negative_logits(ag, negs.detach().to(gd), s) + t).sum()
         ctx.save_for_backward(a, b, scale, bias, negs)
-        ctx.cfg = (chunk, offset)
+        ctx.cfg = (chunk, offset, compute)
         return total
 
     @staticmethod
     def backward(ctx, g):
         a, b, scale, bias, negs = ctx.saved_tensors
-        chunk, offset = ctx.cfg
-        acc = accumulation_dtype(a)
-        g = g.to(acc)
-        af, bf = a.detach().to(acc), b.detach().to(acc)
-        s, t = scale.detach().to(acc), bias.detach().to(acc)
-        n, N = af.shape[0], bf.shape[0]
-        ga, gb = torch.zeros_like(af), torch.zeros_like(bf)
-        gs = torch.zeros((), dtype=acc, device=af.device)
-        gt = torch.zeros((), dtype=acc, device=af.device)
+        chunk, offset, compute = ctx.cfg
+        st, gd = stat_dtype(a), gemm_dtype(a, compute)
+        g = g.to(st)
+        ag, bg = a.detach().to(gd), b.detach().to(gd)
+        nf = None if negs is None else negs.detach().to(gd)
+        s, t = scale.detach().to(st), bias.detach().to(st).reshape(1)
+        n, D = a.shape
+        N = b.shape[0]
+        dev = ag.device
+        ga = torch.empty_like(a)
+        gb = torch.zeros(N, D, device=dev, dtype=st)
+        gneg = None if negs is None else torch.empty_like(negs)
+        gs = torch.zeros((), dtype=st, device=dev)
+        gt = torch.zeros((), dtype=st, device=dev)
+        sf = float(s)
         for i0, i1 in spans(n, chunk):
+            rows = ag[i0:i1]
+            acc = torch.zeros(i1 - i0, D, device=dev, dtype=st)
             for j0, j1 in spans(N, chunk):
-                dots = af[i0:i1] @ bf[j0:j1].T
-                z = s * dots + t
-                m = diagonal_mask(i0, i1, j0, j1, offset, af.device)
-                G = torch.sigmoid(z) if m is None else torch.where(m, torch.sigmoid(z) - 1, torch.sigmoid(z))
-                G = G * g  # d softplus(±z)/dz
-                gs += (G * dots).sum()
+                z = mm(rows, bg[j0:j1].T).to(st, copy=True)
+                torch.add(t, z, alpha=sf, out=z)
+                m = diagonal_mask(i0, i1, j0, j1, offset, dev)
+                # d softplus(z)/dz; positives: −σ(−z), exact where σ(z) − 1 would cancel
+                G = torch.sigmoid(z) if m is None else torch.where(m, -torch.sigmoid(-z), torch.sigmoid(z))
                 gt += G.sum()
-                ga[i0:i1] += s * (G @ bf[j0:j1])
-                gb[j0:j1] += s * (G.T @ af[i0:i1])
-        gneg = None
-        if negs is not None:
-            nf = negs.detach().to(acc)
-            dots = torch.einsum("nd,nkd->nk", af, nf)
-            G = torch.sigmoid(s * dots + t) * g
-            gs += (G * dots).sum()
-            gt += G.sum()
-            ga += s * torch.einsum("nk,nkd->nd", G, nf)
-            gneg = (s * G[:, :, None] * af[:, None, :]).to(negs.dtype)
-        return (ga.to(a.dtype), gb.to(b.dtype), gs.reshape(scale.shape).to(scale.dtype),
-                gt.reshape(bias.shape).to(bias.dtype), gneg, None, None)
+                G = G.to(gd)
+                acc += mm(G, bg[j0:j1]).to(st)
+                gb[j0:j1] += mm(G.T, rows).to(st)
+            if negs is not None:
+                Gn = torch.sigmoid(negative_logits(rows, nf[i0:i1], s) + t)
+                gt += Gn.sum()
+                acc += torch.einsum("nk,nkd->nd", Gn.to(gd), nf[i0:i1]).to(st)
+                gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
+            gs += (acc * rows).sum()
+            ga[i0:i1] = acc * (g * s)
+        return (ga, gb.mul_(g * s).to(b.dtype), (gs * g).reshape(scale.shape).to(scale.dtype),
+                (gt * g).reshape(bias.shape).to(bias.dtype), gneg, None, None, None)
 
 
 class TupleLogDenominators(torch.autograd.Function):
@@ -220,55 +310,59 @@ class TupleLogDenominators(torch.autograd.Function):
     scored by the multilinear product s·Σ_d a_id Π_m r_m[j_m]_d; the positive (the tuple of row
     i itself) enters through `zd`. The B × B^(M-1) logits are tiled over (anchor rows × tuple
     prefixes × last-modality rows); backward recomputes each tile under autograd and feeds it
-    its softmax weights, so no tile outlives its step.
+    its softmax weights, so no tile outlives its step. Products and GEMMs run in the GEMM
+    dtype; the leaves that collect the gradient over all tiles are in the statistics dtype.
     """
 
     @staticmethod
-    def forward(ctx, a, scale, zd, chunk, group, *others):
+    def forward(ctx, a, scale, zd, chunk, group, compute, *others):
         rank, _ = rank_and_world(group)
         offset = rank * a.shape[0]
+        st, gd = stat_dtype(a), gemm_dtype(a, compute)
         with torch.no_grad():
-            lse = torch.full((a.shape[0],), NEG_INF, dtype=accumulation_dtype(a), device=a.device)
-            for i0, i1, z, mask in _tuple_tiles(a, scale, others, chunk, offset):
+            lse = torch.full((a.shape[0],), NEG_INF, dtype=st, device=a.device)
+            for i0, i1, z, mask in _tuple_tiles(a, scale, others, chunk, offset, gd, st):
                 lse[i0:i1] = torch.logaddexp(lse[i0:i1], torch.logsumexp(z.masked_fill(mask, NEG_INF).flatten(1), 1))
-            d_row = torch.logaddexp(zd.detach().to(lse.dtype), lse)
+            d_row = torch.logaddexp(zd.detach().to(st), lse)
         ctx.save_for_backward(a, scale, zd, d_row, *others)
-        ctx.cfg = (chunk, offset)
+        ctx.cfg = (chunk, offset, gd)
         return d_row.sum()
 
     @staticmethod
     def backward(ctx, g):
         a, scale, zd, d_row, *others = ctx.saved_tensors
-        chunk, offset = ctx.cfg
-        leaves = [t.detach().requires_grad_(True) for t in (a, scale, *others)]
+        chunk, offset, gd = ctx.cfg
+        st = d_row.dtype
+        inputs = (a, scale, *others)
+        leaves = [t.detach().to(st).requires_grad_(True) for t in inputs]
         with torch.enable_grad():
-            for i0, i1, z, mask in _tuple_tiles(leaves[0], leaves[1], leaves[2:], chunk, offset):
+            for i0, i1, z, mask in _tuple_tiles(leaves[0], leaves[1], leaves[2:], chunk, offset, gd, st):
                 weights = torch.exp(z.detach() - d_row[i0:i1, None, None]).masked_fill(mask, 0.0) * g
                 z.backward(weights, retain_graph=True)  # shared casts/prefixes feed several tiles
-        gzd = (torch.exp(zd.detach().to(d_row.dtype) - d_row) * g).to(zd.dtype)
-        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-        return (grads[0], grads[1], gzd, None, None, *grads[2:])
+        gzd = (torch.exp(zd.detach().to(st) - d_row) * g).to(zd.dtype)
+        grads = [(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).to(t.dtype)
+                 for leaf, t in zip(leaves, inputs)]
+        return (grads[0], grads[1], gzd, None, None, None, *grads[2:])
 
 
-def _tuple_tiles(a, scale, others, chunk, offset):
-    """Yield (i0, i1, logits [rows, prefixes, N], positive mask) over all candidate tuples."""
-    acc = accumulation_dtype(a)
-    *prefix_mods, last = [o.to(acc) for o in others]
+def _tuple_tiles(a, scale, others, chunk, offset, gd, st):
+    """Yield (i0, i1, logits [rows, prefixes, N] in `st`, positive mask) over all candidate tuples."""
+    *prefix_mods, last = [o.to(gd) for o in others]
     n, N, D = a.shape[0], last.shape[0], a.shape[1]
     n_prefix = N ** len(prefix_mods)
     rows = min(n, chunk)
     per_tile = max(1, (chunk * chunk) // (rows * max(N, D)))
-    s = scale.to(acc)
-    af = a.to(acc)
+    s = scale.to(st)
+    af = a.to(gd)
     for p0, p1 in spans(n_prefix, per_tile):
         flat = torch.arange(p0, p1, device=a.device)
         idx = torch.unravel_index(flat, (N,) * len(prefix_mods)) if prefix_mods else ()
-        prefix = torch.ones(p1 - p0, D, dtype=acc, device=a.device)
+        prefix = torch.ones(p1 - p0, D, dtype=gd, device=a.device)
         for mod, j in zip(prefix_mods, idx):
             prefix = prefix * mod[j]
         for i0, i1 in spans(n, rows):
             q = af[i0:i1, None, :] * prefix[None]
-            z = s * (q.reshape(-1, D) @ last.T).reshape(i1 - i0, p1 - p0, N)
+            z = s * (q.reshape(-1, D) @ last.T).to(st).reshape(i1 - i0, p1 - p0, N)
             g = torch.arange(i0, i1, device=a.device) + offset
             same_prefix = torch.ones(i1 - i0, p1 - p0, dtype=torch.bool, device=a.device)
             for j in idx:
