@@ -10,8 +10,10 @@ inputs. Running log-sum-exps, softmax weights, scale/bias gradients, feature-gra
 accumulators and every statistic stay fp32 (fp64 for fp64 inputs); gradients come back in the
 inputs' dtypes. On CUDA a low-precision GEMM writes fp32 logits (`torch.mm(..., out_dtype=
 torch.float32)`); CPU has no such kernel, so there each logit is rounded to bf16 once, as under
-open_clip's amp_bf16 autocast. Measured cost against a float64 evaluation of the same bf16
-inputs (B = 4,096, D = 512, s = 100, `mmclip bench loss --dtype bf16`): see the README.
+open_clip's amp_bf16 autocast. Against a float64 evaluation of the same bf16 inputs that costs
+(B = 4,096, D = 512, s = 100, `mmclip bench loss --dtype bf16`) a loss relative error of 1e-4,
+feature-gradient cosine 0.99997 and a largest gradient error of 1.2% of the largest entry, the
+order of open_clip's amp_bf16 (2e-5, 0.99995, 1.6%).
 
 Tile size per device (`default_chunk`): 1024 on CPU (a 1024×1024 fp32 tile is 4 MiB, large
 enough for full-speed bf16 and fp32 GEMMs and small enough to stay in the last-level cache for
