@@ -30,6 +30,14 @@ def test_bf16_loss_bench_reports_both_paths_the_amp_reference_and_their_precisio
     assert row["mmclip_fp32"]["loss"] == pytest.approx(row["mmclip"]["loss"], rel=1e-2)
     assert "| 64 | mmclip bf16 |" in (tmp_path / "loss_clip_bf16.md").read_text()
 
+
+def test_ranks_loss_bench_runs_gather_and_ring_over_gloo_processes(tmp_path):
+    assert main(["bench", "loss", "--kind", "clip", "--batch", "64", "--dim", "16", "--ranks", "2", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    modes = json.loads((tmp_path / "loss_clip_ranks2.json").read_text())["modes"]
+    assert modes["ring"]["seconds"] > 0 and modes["ring"]["loss"] == pytest.approx(modes["gather"]["loss"], rel=1e-5)
+    assert "| ring |" in (tmp_path / "loss_clip_ranks2.md").read_text()
+
 def test_data_bench_sweeps_workers_and_writes_its_report(demo_shards, tmp_path):
     spec = str(demo_shards / "demo/train/train-{000000..000005}.tar")
     assert main(["bench", "data", "--shards", spec, "--batch-size", "32", "--workers", "0,1", "--batches", "2",

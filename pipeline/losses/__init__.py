@@ -2,7 +2,8 @@
 
 InfoNCE (`clip_loss`), sigmoid (`siglip_loss`) and Symile (`symile_loss`, 3+ modalities), with
 hard negatives, exact gradients (custom autograd Functions that recompute tiles in backward) and
-distributed over a process group with O(B·D) communication. Knows nothing about models or training.
+distributed over a process group with O(B·D) communication (all-gathered columns, or a ring of
+column blocks that keeps each rank at O(B_local·D)). Knows nothing about models or training.
 """
 from pipeline.losses.clip import clip_loss
 from pipeline.losses.module import ContrastiveLoss

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.losses.distributed import gather_with_grad, global_sum
+from pipeline.losses.distributed import gather_with_grad, global_sum, rank_and_world, use_ring
 from pipeline.losses.tiled import LogDenominators, default_chunk, gemm_dtype, stat_dtype
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, chunk_size: int | None = None,
               hard_negatives: torch.Tensor | None = None, hard_negative_alpha: float = 1.0,
-              hard_negative_beta: float = 0.0, compute_dtype: str = "auto", group=None) -> torch.Tensor:
+              hard_negative_beta: float = 0.0, compute_dtype: str = "auto", distributed: str = "auto",
+              group=None) -> torch.Tensor:
     """½[CE(s·A·Bᵀ) + CE(s·B·Aᵀ)] over the global batch, never materialising the B×B logits.
 
     With the defaults this equals `open_clip.loss.ClipLoss()(a, b, logit_scale)`. `hard_negatives`
@@ -21,12 +22,16 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, ch
     With `group`, each rank passes its local rows; every rank returns the GLOBAL loss value, and
     gradients flow only into this rank's share, so summed over ranks they equal the
     single-process gradient (the trainer multiplies by the world size because DeepSpeed averages).
+    `distributed`: "gather" all-gathers the columns (each rank holds all B·D of them and their
+    gradient); "ring" passes column blocks around the ranks, so a rank holds O(B_local·D);
+    "auto" rings from 3 ranks on.
     """
-    b_all = gather_with_grad(b, group)
+    ring = use_ring(distributed, group)
+    columns = b if ring else gather_with_grad(b, group)
     gd = gemm_dtype(a, compute_dtype)
     positives = logit_scale * (a.to(gd) * b.to(gd)).sum(-1, dtype=stat_dtype(a))
-    denominators = LogDenominators.apply(a, b_all, logit_scale, positives, hard_negatives,
+    denominators = LogDenominators.apply(a, columns, logit_scale, positives, hard_negatives,
                                          float(hard_negative_alpha), float(hard_negative_beta), True,
-                                         chunk_size or default_chunk(a.device), group, compute_dtype)
+                                         chunk_size or default_chunk(a.device), group, compute_dtype, ring)
     local = 0.5 * denominators - positives.to(denominators.dtype).sum()
-    return global_sum(local, group) / b_all.shape[0]
+    return global_sum(local, group) / (a.shape[0] * rank_and_world(group)[1])

@@ -21,13 +21,14 @@ class ContrastiveLoss(nn.Module):
 
     def __init__(self, kind: str = "clip", chunk_size: int | None = None, hard_negative_alpha: float = 1.0,
                  hard_negative_beta: float = 0.0, symile_negatives: str = "n", compute_dtype: str = "auto",
-                 group=None, seed: int = 0):
+                 distributed: str = "auto", group=None, seed: int = 0):
         super().__init__()
         if kind not in ("clip", "siglip", "symile"):
             raise ValueError(f"unknown loss kind {kind!r}; allowed: clip, siglip, symile")
-        self.kind, self.chunk_size, self.group = kind, chunk_size, group
+        self.kind, self.chunk_size = kind, chunk_size
         self.alpha, self.beta = hard_negative_alpha, hard_negative_beta
-        self.symile_negatives, self.seed, self.compute_dtype = symile_negatives, seed, compute_dtype
+        self.symile_negatives, self.seed = symile_negatives, seed
+        self.options = {"compute_dtype": compute_dtype, "distributed": distributed, "group": group}
         self.generator = torch.Generator().manual_seed(seed)
 
     def reseed(self, step: int) -> None:
@@ -39,8 +40,7 @@ class ContrastiveLoss(nn.Module):
         modalities = sorted(features)
         if self.kind == "symile":
             return symile_loss([features[m] for m in modalities], logit_scale, negatives=self.symile_negatives,
-                               chunk_size=self.chunk_size, generator=self.generator,
-                               compute_dtype=self.compute_dtype, group=self.group)
+                               chunk_size=self.chunk_size, generator=self.generator, **self.options)
         negatives = hard_negatives or {}
         losses = []
         for x, y in combinations(modalities, 2):
@@ -50,11 +50,10 @@ class ContrastiveLoss(nn.Module):
             if self.kind == "clip":
                 losses.append(clip_loss(a, b, logit_scale, chunk_size=self.chunk_size, hard_negatives=negs,
                                         hard_negative_alpha=self.alpha, hard_negative_beta=self.beta,
-                                        compute_dtype=self.compute_dtype, group=self.group))
+                                        **self.options))
             else:
                 if logit_bias is None:
                     raise ValueError("the siglip loss needs a logit_bias (set model.init_logit_bias)")
                 losses.append(siglip_loss(a, b, logit_scale, logit_bias, chunk_size=self.chunk_size,
-                                          hard_negatives=negs, compute_dtype=self.compute_dtype,
-                                          group=self.group))
+                                          hard_negatives=negs, **self.options))
         return torch.stack(losses).mean()

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.distributed import gather_rows, rank_and_world
+from pipeline.losses.distributed import Ring, gather_rows, rank_and_world
 
 NEG_INF = float("-inf")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -62,12 +62,11 @@ def spans(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def diagonal_mask(i0: int, i1: int, j0: int, j1: int, offset: int, device) -> torch.Tensor | None:
-    """Bool [i1-i0, j1-j0], true where global row (offset + i) equals column j; None if the tile misses it."""
-    if max(i0 + offset, j0) >= min(i1 + offset, j1):
+def diagonal_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | None:
+    """Bool [i1-i0, j1-j0], true where global row i equals global column j; None if the tile misses it."""
+    if max(i0, j0) >= min(i1, j1):
         return None
-    rows = torch.arange(i0, i1, device=device)[:, None] + offset
-    return rows == torch.arange(j0, j1, device=device)[None, :]
+    return torch.arange(i0, i1, device=device)[:, None] == torch.arange(j0, j1, device=device)[None, :]
 
 
 def tile_logsumexps(dots: torch.Tensor, scale: float, dtype: torch.dtype, cols: bool):
@@ -114,43 +113,90 @@ def negative_logits(rows: torch.Tensor, negs: torch.Tensor, s: torch.Tensor) -> 
     return s * torch.einsum("nd,nkd->nk", rows, negs).to(s.dtype)
 
 
+def sweep_statistics(ag, block, row_offset, col_offset, sf, beta, cols, chunk, r1, r2, c1, c2):
+    """One column block's tiles: fold their row LSEs into r1/r2 and their column LSEs into c1/c2."""
+    st, dev = r1.dtype, ag.device
+    for i0, i1 in spans(ag.shape[0], chunk):
+        for j0, j1 in spans(block.shape[0], chunk):
+            dots = mm(ag[i0:i1], block[j0:j1].T)
+            m = diagonal_mask(i0 + row_offset, i1 + row_offset, j0 + col_offset, j1 + col_offset, dev)
+            if m is not None:
+                dots = dots.masked_fill(m, NEG_INF)
+            for factor, rs, cs in ((1 + beta, r1, c1), (beta, r2, c2)) if beta else ((1.0, r1, c1),):
+                row_lse, col_lse = tile_logsumexps(dots, factor * sf, st, cols)
+                rs[i0:i1] = torch.logaddexp(rs[i0:i1], row_lse)
+                if cols:
+                    cs[j0:j1] = torch.logaddexp(cs[j0:j1], col_lse)
+
+
+def sweep_gradients(ag, block, col_stats, row_stats, row_offset, col_offset, s, beta, cols, chunk, ga, gb):
+    """One column block's tiles in backward: add Σ_j G_ij b_j into `ga` and Σ_i G_ij a_i into `gb`.
+
+    row_stats = (r1, r2, w_row, d_row) of the local rows, col_stats the same four for the block.
+    """
+    r1, r2, w_row, d_row = row_stats
+    c1, c2, w_col, d_col = col_stats if cols else (None,) * 4
+    st, gd, dev = ga.dtype, ag.dtype, ag.device
+    sf = float(s)
+    for i0, i1 in spans(ag.shape[0], chunk):
+        rows = ag[i0:i1]
+        for j0, j1 in spans(block.shape[0], chunk):
+            dots = mm(rows, block[j0:j1].T)
+            if beta:
+                zf = s * dots.to(st)
+                G = w_row[i0:i1, None] * softmax_weights(zf, r1[i0:i1, None], r2[i0:i1, None], beta)
+                if cols:
+                    G += w_col[None, j0:j1] * softmax_weights(zf, c1[None, j0:j1], c2[None, j0:j1], beta)
+            else:  # v = LSE when β = 0, so w·exp(z − LSE) = exp(z − d): one exp per direction
+                G = dots.to(st, copy=True)
+                by_col = torch.add(-d_col[None, j0:j1], G, alpha=sf).exp_() if cols else None
+                torch.add(-d_row[i0:i1, None], G, alpha=sf, out=G).exp_()
+                if cols:
+                    G += by_col
+            m = diagonal_mask(i0 + row_offset, i1 + row_offset, j0 + col_offset, j1 + col_offset, dev)
+            if m is not None:
+                G.masked_fill_(m, 0.0)
+            G = G.to(gd)
+            ga[i0:i1] += mm(G, block[j0:j1]).to(st)  # fp32 += bf16 in two passes beats one mixed-dtype pass
+            gb[j0:j1] += mm(G.T, rows).to(st)
+
+
 class LogDenominators(torch.autograd.Function):
     """Σ over this rank's rows of the row log-denominators (+ Σ over its columns of the column ones).
 
-    Inputs: local rows `a` [n, D]; all columns `b` [N, D] (every rank's, gathered by the caller);
-    the positive logits `zd` [n] (plain autograd outside, so any positive can be used, e.g.
+    Inputs: local rows `a` [n, D]; columns `b`: all N of them (every rank's, gathered by the
+    caller), or with `ring` only this rank's n, the others passing by around the ring; the
+    positive logits `zd` [n] (plain autograd outside, so any positive can be used, e.g.
     Symile's true MIP); per-row hard negatives [n, K, D]. Row i's positive is column
     rank·n + i. With HN-NCE (α, β) the log-denominator is
     log(α·e^{z_ii} + N_neg · Σ_{j≠i} e^{(1+β)z_ij} / Σ_{j≠i} e^{βz_ij}); α=1, β=0 is InfoNCE.
     Tiles of chunk×chunk logits are made, reduced by online log-sum-exp and dropped; backward
-    makes them again. Only O(n + N) statistics are kept. The logit scale rides in the fp32 pass
-    that shifts the exponent, and ∂/∂s comes from the gradient accumulators
-    (Σ_ij G_ij⟨a_i, b_j⟩ = Σ_i ⟨a_i, Σ_j G_ij b_j⟩), so no tile pass is spent on either.
+    makes them again. Only O(n) row and O(N) (ring: O(n)) column statistics are kept; with the
+    ring, column statistics and column gradients travel with their block back to its owner.
+    The logit scale rides in the fp32 pass that shifts the exponent, and ∂/∂s comes from the
+    gradient accumulators (Σ_ij G_ij⟨a_i, b_j⟩ = Σ_i ⟨a_i, Σ_j G_ij b_j⟩), so no tile pass is
+    spent on either.
     """
 
     @staticmethod
-    def forward(ctx, a, b, scale, zd, negs, alpha, beta, cols, chunk, group, compute):
-        rank, _ = rank_and_world(group)
-        n, N = a.shape[0], b.shape[0]
+    def forward(ctx, a, b, scale, zd, negs, alpha, beta, cols, chunk, group, compute, ring):
+        rank, world = rank_and_world(group)
+        n = a.shape[0]
+        N = n * world if ring else b.shape[0]
         offset = rank * n
         st, gd = stat_dtype(a), gemm_dtype(a, compute)
-        ag, bg = a.detach().to(gd), b.detach().to(gd)
+        ag = a.detach().to(gd)
         s = scale.detach().to(st)
         sf = positive_scale(s)
-        dev = ag.device
-        r1, r2 = (torch.full((n,), NEG_INF, device=dev, dtype=st) for _ in range(2))
-        c1, c2 = (torch.full((N,), NEG_INF, device=dev, dtype=st) for _ in range(2))
-        for i0, i1 in spans(n, chunk):
-            for j0, j1 in spans(N, chunk):
-                dots = mm(ag[i0:i1], bg[j0:j1].T)
-                m = diagonal_mask(i0, i1, j0, j1, offset, dev)
-                if m is not None:
-                    dots = dots.masked_fill(m, NEG_INF)
-                for factor, rs, cs in ((1 + beta, r1, c1), (beta, r2, c2)) if beta else ((1.0, r1, c1),):
-                    row_lse, col_lse = tile_logsumexps(dots, factor * sf, st, cols)
-                    rs[i0:i1] = torch.logaddexp(rs[i0:i1], row_lse)
-                    if cols:
-                        cs[j0:j1] = torch.logaddexp(cs[j0:j1], col_lse)
+        r1, r2 = (torch.full((n,), NEG_INF, device=ag.device, dtype=st) for _ in range(2))
+        blocks = Ring([b.detach().to(gd)], group, enabled=ring)
+        for owner, (block,) in blocks:
+            fresh = lambda: [torch.full((block.shape[0],), NEG_INF, device=ag.device, dtype=st)  # noqa: E731
+                             for _ in range(2)]
+            c1, c2 = blocks.take(fresh) if cols else (None, None)
+            sweep_statistics(ag, block, offset, owner * block.shape[0], sf, beta, cols, chunk, r1, r2, c1, c2)
+            if cols:
+                blocks.give([c1, c2])
         if negs is not None:
             zn = negative_logits(ag, negs.detach().to(gd), s)
             r1 = torch.logaddexp(r1, torch.logsumexp((1 + beta) * zn, 1))
@@ -162,147 +208,136 @@ class LogDenominators(torch.autograd.Function):
         v_row = r1 if not beta else math.log(N - 1 + k) + r1 - r2
         d_row = torch.logaddexp(log_alpha + zdf, v_row)
         total = d_row.sum()
-        v_col = d_col = None
+        c1 = c2 = v_col = d_col = None
         if cols:
-            if group is not None:
-                c1 = torch.logsumexp(gather_rows(c1[None], group), 0)
-                if beta:
-                    c2 = torch.logsumexp(gather_rows(c2[None], group), 0)
+            c1, c2 = blocks.carried  # ring: this rank's columns; gather: all N, summed over ranks below
+            if group is not None and not ring:
+                c1, c2 = (torch.logsumexp(gather_rows(c[None], group), 0) for c in (c1, c2))
             v_col = c1 if not beta else math.log(N - 1) + c1 - c2
-            d_col_local = torch.logaddexp(log_alpha + zdf, v_col[offset:offset + n])
-            total = total + d_col_local.sum()
-            d_col = gather_rows(d_col_local, group)
+            d_col = torch.logaddexp(log_alpha + zdf, v_col if ring else v_col[offset:offset + n])
+            total = total + d_col.sum()
+            if not ring:
+                d_col = gather_rows(d_col, group)
         ctx.save_for_backward(a, b, scale, zd, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col)
-        ctx.cfg = (alpha, beta, cols, chunk, offset, N, compute)
+        ctx.cfg = (alpha, beta, cols, chunk, group, ring, compute)
         return total
 
     @staticmethod
     def backward(ctx, g):
         a, b, scale, zd, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col = ctx.saved_tensors
-        alpha, beta, cols, chunk, offset, N, compute = ctx.cfg
+        alpha, beta, cols, chunk, group, ring, compute = ctx.cfg
+        rank, _ = rank_and_world(group)
+        n, D = a.shape
+        offset = rank * n
         st, gd = stat_dtype(a), gemm_dtype(a, compute)
         g = g.to(st)
-        ag, bg = a.detach().to(gd), b.detach().to(gd)
-        nf = None if negs is None else negs.detach().to(gd)
+        ag = a.detach().to(gd)
         s = scale.detach().to(st)
-        n, D = a.shape
-        dev = ag.device
-        ga = torch.empty_like(a)
-        gb = torch.zeros(N, D, device=dev, dtype=st)
+        positive_scale(s)
+        ga = torch.zeros(n, D, device=ag.device, dtype=st)  # Σ_j G_ij b_j over every column block
+        row_stats = (r1, r2, torch.exp(v_row - d_row), d_row)  # w_row: weight of the off-diagonal part
+        col_stats = [c1, c2, torch.exp(v_col - d_col), d_col] if cols else []
+        blocks = Ring([b.detach().to(gd), *col_stats], group, enabled=ring)
+        for owner, (block, *stats) in blocks:
+            gb, = blocks.take(lambda: [torch.zeros(block.shape[0], D, device=ag.device, dtype=st)])
+            sweep_gradients(ag, block, stats, row_stats, offset, owner * block.shape[0], s, beta, cols, chunk, ga, gb)
+            blocks.give([gb])
+        gb, = blocks.carried
         gneg = None if negs is None else torch.empty_like(negs)
-        gs = torch.zeros((), device=dev, dtype=st)
-        w_row = torch.exp(v_row - d_row)  # weight of the off-diagonal part in each row
-        w_col = torch.exp(v_col - d_col) if cols else None
-        sf = positive_scale(s)
-        for i0, i1 in spans(n, chunk):
-            rows = ag[i0:i1]
-            acc = torch.zeros(i1 - i0, D, device=dev, dtype=st)  # Σ_j G_ij b_j of this row block
-            for j0, j1 in spans(N, chunk):
-                dots = mm(rows, bg[j0:j1].T)
-                if beta:
-                    zf = s * dots.to(st)
-                    G = w_row[i0:i1, None] * softmax_weights(zf, r1[i0:i1, None], r2[i0:i1, None], beta)
-                    if cols:
-                        G += w_col[None, j0:j1] * softmax_weights(zf, c1[None, j0:j1], c2[None, j0:j1], beta)
-                else:  # v = LSE when β = 0, so w·exp(z − LSE) = exp(z − d): one exp per direction
-                    G = dots.to(st, copy=True)
-                    by_col = torch.add(-d_col[None, j0:j1], G, alpha=sf).exp_() if cols else None
-                    torch.add(-d_row[i0:i1, None], G, alpha=sf, out=G).exp_()
-                    if cols:
-                        G += by_col
-                m = diagonal_mask(i0, i1, j0, j1, offset, dev)
-                if m is not None:
-                    G.masked_fill_(m, 0.0)
-                G = G.to(gd)
-                acc += mm(G, bg[j0:j1]).to(st)  # fp32 += bf16 in two passes beats one mixed-dtype pass
-                gb[j0:j1] += mm(G.T, rows).to(st)
-            if negs is not None:
-                zn = negative_logits(rows, nf[i0:i1], s)
-                Gn = w_row[i0:i1, None] * softmax_weights(zn, r1[i0:i1, None], r2[i0:i1, None], beta)
-                acc += torch.einsum("nk,nkd->nd", Gn.to(gd), nf[i0:i1]).to(st)
-                gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
-            gs += (acc * rows).sum()
-            ga[i0:i1] = acc * (g * s)
+        for i0, i1 in spans(n, chunk) if negs is not None else ():
+            nf, rows = negs[i0:i1].detach().to(gd), ag[i0:i1]
+            zn = negative_logits(rows, nf, s)
+            Gn = row_stats[2][i0:i1, None] * softmax_weights(zn, r1[i0:i1, None], r2[i0:i1, None], beta)
+            ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(gd), nf).to(st)
+            gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
+        gs = (ga * ag).sum() * g
         log_alpha = math.log(alpha) if alpha > 0 else NEG_INF
         zdf = zd.detach().to(st)
         gzd = torch.exp(log_alpha + zdf - d_row)
         if cols:
-            gzd = gzd + torch.exp(log_alpha + zdf - d_col[offset:offset + n])
+            gzd = gzd + torch.exp(log_alpha + zdf - (d_col if ring else d_col[offset:offset + n]))
         gzd = (g * gzd).to(zd.dtype)
-        return (ga, gb.mul_(g * s).to(b.dtype), (gs * g).reshape(scale.shape).to(scale.dtype), gzd, gneg,
-                None, None, None, None, None, None)
+        return (ga.mul_(g * s).to(a.dtype), gb.mul_(g * s).to(b.dtype), gs.reshape(scale.shape).to(scale.dtype),
+                gzd, gneg, None, None, None, None, None, None, None)
 
 
 class SigmoidPairs(torch.autograd.Function):
     """Σ over this rank's rows and all columns of −log σ(y_ij·(s·a_i·b_j + bias)), y = +1 on the diagonal.
 
     Elementwise, so tiles need no running statistics; hard negatives add K pairs with y = −1 per row.
-    Precision as in LogDenominators: GEMMs in the GEMM dtype, softplus, sigmoid and sums in fp32.
+    Columns `b` as in LogDenominators (all N, or this rank's with `ring`, column gradients then
+    travelling back to their owner). Precision as there: GEMMs in the GEMM dtype, softplus,
+    sigmoid and sums in fp32.
     """
 
     @staticmethod
-    def forward(ctx, a, b, scale, bias, negs, chunk, group, compute):
+    def forward(ctx, a, b, scale, bias, negs, chunk, group, compute, ring):
         rank, _ = rank_and_world(group)
-        n, N = a.shape[0], b.shape[0]
+        n = a.shape[0]
         offset = rank * n
         st, gd = stat_dtype(a), gemm_dtype(a, compute)
-        ag, bg = a.detach().to(gd), b.detach().to(gd)
+        ag = a.detach().to(gd)
         s, t = scale.detach().to(st), bias.detach().to(st).reshape(1)  # 1-element, not 0-dim: adding promotes
         total = torch.zeros((), dtype=st, device=ag.device)
         sf = float(s)
-        for i0, i1 in spans(n, chunk):
-            for j0, j1 in spans(N, chunk):
-                z = mm(ag[i0:i1], bg[j0:j1].T).to(st, copy=True)
-                torch.add(t, z, alpha=sf, out=z)
-                m = diagonal_mask(i0, i1, j0, j1, offset, ag.device)
-                # −log σ(−x) = softplus(x) for negatives; positives flip the sign
-                total += F.softplus(z if m is None else torch.where(m, -z, z)).sum()
+        for owner, (block,) in Ring([b.detach().to(gd)], group, enabled=ring):
+            col_offset = owner * block.shape[0]
+            for i0, i1 in spans(n, chunk):
+                for j0, j1 in spans(block.shape[0], chunk):
+                    z = mm(ag[i0:i1], block[j0:j1].T).to(st, copy=True)
+                    torch.add(t, z, alpha=sf, out=z)  # s·dots + bias in one fp32 pass
+                    m = diagonal_mask(i0 + offset, i1 + offset, j0 + col_offset, j1 + col_offset, ag.device)
+                    # −log σ(−x) = softplus(x) for negatives; positives flip the sign
+                    total += F.softplus(z if m is None else torch.where(m, -z, z)).sum()
         if negs is not None:
             total += F.softplus(negative_logits(ag, negs.detach().to(gd), s) + t).sum()
         ctx.save_for_backward(a, b, scale, bias, negs)
-        ctx.cfg = (chunk, offset, compute)
+        ctx.cfg = (chunk, group, ring, compute)
         return total
 
     @staticmethod
     def backward(ctx, g):
         a, b, scale, bias, negs = ctx.saved_tensors
-        chunk, offset, compute = ctx.cfg
+        chunk, group, ring, compute = ctx.cfg
+        rank, _ = rank_and_world(group)
+        n, D = a.shape
+        offset = rank * n
         st, gd = stat_dtype(a), gemm_dtype(a, compute)
         g = g.to(st)
-        ag, bg = a.detach().to(gd), b.detach().to(gd)
-        nf = None if negs is None else negs.detach().to(gd)
+        ag = a.detach().to(gd)
         s, t = scale.detach().to(st), bias.detach().to(st).reshape(1)
-        n, D = a.shape
-        N = b.shape[0]
         dev = ag.device
-        ga = torch.empty_like(a)
-        gb = torch.zeros(N, D, device=dev, dtype=st)
-        gneg = None if negs is None else torch.empty_like(negs)
-        gs = torch.zeros((), dtype=st, device=dev)
+        ga = torch.zeros(n, D, device=dev, dtype=st)
         gt = torch.zeros((), dtype=st, device=dev)
         sf = float(s)
-        for i0, i1 in spans(n, chunk):
-            rows = ag[i0:i1]
-            acc = torch.zeros(i1 - i0, D, device=dev, dtype=st)
-            for j0, j1 in spans(N, chunk):
-                z = mm(rows, bg[j0:j1].T).to(st, copy=True)
-                torch.add(t, z, alpha=sf, out=z)
-                m = diagonal_mask(i0, i1, j0, j1, offset, dev)
-                # d softplus(z)/dz; positives: −σ(−z), exact where σ(z) − 1 would cancel
-                G = torch.sigmoid(z) if m is None else torch.where(m, -torch.sigmoid(-z), torch.sigmoid(z))
-                gt += G.sum()
-                G = G.to(gd)
-                acc += mm(G, bg[j0:j1]).to(st)
-                gb[j0:j1] += mm(G.T, rows).to(st)
-            if negs is not None:
-                Gn = torch.sigmoid(negative_logits(rows, nf[i0:i1], s) + t)
-                gt += Gn.sum()
-                acc += torch.einsum("nk,nkd->nd", Gn.to(gd), nf[i0:i1]).to(st)
-                gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
-            gs += (acc * rows).sum()
-            ga[i0:i1] = acc * (g * s)
-        return (ga, gb.mul_(g * s).to(b.dtype), (gs * g).reshape(scale.shape).to(scale.dtype),
-                (gt * g).reshape(bias.shape).to(bias.dtype), gneg, None, None, None)
+        blocks = Ring([b.detach().to(gd)], group, enabled=ring)
+        for owner, (block,) in blocks:
+            col_offset = owner * block.shape[0]
+            gb, = blocks.take(lambda: [torch.zeros(block.shape[0], D, device=dev, dtype=st)])
+            for i0, i1 in spans(n, chunk):
+                rows = ag[i0:i1]
+                for j0, j1 in spans(block.shape[0], chunk):
+                    z = mm(rows, block[j0:j1].T).to(st, copy=True)
+                    torch.add(t, z, alpha=sf, out=z)
+                    m = diagonal_mask(i0 + offset, i1 + offset, j0 + col_offset, j1 + col_offset, dev)
+                    # d softplus(z)/dz; positives: −σ(−z), exact where σ(z) − 1 would cancel
+                    G = torch.sigmoid(z) if m is None else torch.where(m, -torch.sigmoid(-z), torch.sigmoid(z))
+                    gt += G.sum()
+                    G = G.to(gd)
+                    ga[i0:i1] += mm(G, block[j0:j1]).to(st)
+                    gb[j0:j1] += mm(G.T, rows).to(st)
+            blocks.give([gb])
+        gb, = blocks.carried
+        gneg = None if negs is None else torch.empty_like(negs)
+        for i0, i1 in spans(n, chunk) if negs is not None else ():
+            nf, rows = negs[i0:i1].detach().to(gd), ag[i0:i1]
+            Gn = torch.sigmoid(negative_logits(rows, nf, s) + t)
+            gt += Gn.sum()
+            ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(gd), nf).to(st)
+            gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
+        gs = (ga * ag).sum() * g
+        return (ga.mul_(g * s).to(a.dtype), gb.mul_(g * s).to(b.dtype), gs.reshape(scale.shape).to(scale.dtype),
+                (gt * g).reshape(bias.shape).to(bias.dtype), gneg, None, None, None, None)
 
 
 class TupleLogDenominators(torch.autograd.Function):

@@ -113,7 +113,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> int:
                                   hard_negative_alpha=cfg.loss.hard_negative_alpha,
                                   hard_negative_beta=cfg.loss.hard_negative_beta,
                                   symile_negatives=cfg.loss.symile_negatives,
-                                  compute_dtype=cfg.loss.compute_dtype, group=group, seed=cfg.train.seed)
+                                  compute_dtype=cfg.loss.compute_dtype, distributed=cfg.loss.distributed,
+                                  group=group, seed=cfg.train.seed)
     engine, _, scheduler = build_engine(model, cfg, world)
     dtype = torch.bfloat16 if cfg.deepspeed.precision == "bf16" else torch.float32
     modalities = cfg.modalities
