@@ -18,6 +18,12 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     loss.add_argument("--kind", choices=["clip", "siglip", "symile"], default="clip")
     loss.add_argument("--batch", type=_ints, default=[4096, 16384, 65536], help="comma-separated global batch sizes")
     loss.add_argument("--dim", type=int, default=512)
+    loss.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                      help="bf16: the bf16 path beside the fp32 one and the reference under bf16 autocast")
+    loss.add_argument("--repeats", type=int, default=3, help="interleaved runs per cell (median reported)")
+    loss.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    loss.add_argument("--ranks", type=int, default=1,
+                      help="W > 1: all-gather vs ring over W gloo processes at the (single) --batch as global batch")
     data = sub.add_parser("data", help="decode+transform+batch samples/s vs open_clip's webdataset loader")
     data.add_argument("--shards", default=None, help="shard spec (default: the demo train shards)")
     data.add_argument("--batch-size", type=int, default=256)
@@ -48,9 +54,15 @@ def tower_inputs(config: str) -> tuple[dict, object]:
 
 def run_bench(args) -> int:
     if args.bench == "loss":
-        from pipeline.losses.bench import run_loss_bench
+        if args.ranks > 1:
+            from pipeline.losses.bench_ranks import run_ranks_bench
 
-        run_loss_bench(args.kind, args.batch, args.dim, args.out)
+            run_ranks_bench(args.kind, args.batch[0], args.dim, args.ranks, args.out, args.dtype, args.repeats)
+        else:
+            from pipeline.losses.bench import run_loss_bench
+
+            run_loss_bench(args.kind, args.batch, args.dim, args.out, dtype=args.dtype, repeats=args.repeats,
+                           threads=args.threads)
     elif args.bench == "data":
         from pipeline.data.bench import run_data_bench
 

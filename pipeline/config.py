@@ -144,6 +144,11 @@ class LossSection(Section):
 
     kind: str
     chunk_size: Optional[int] = Field(None, gt=0, description="tile rows; null picks a default")
+    compute_dtype: Literal["auto", "fp32"] = Field(
+        "auto", description="tile GEMMs in the features' dtype (auto) or fp32; statistics stay fp32")
+    distributed: Literal["auto", "gather", "ring"] = Field(
+        "auto", description="columns across ranks: all-gathered, or passed around a ring (O(B_local·D) a rank); "
+                            "auto rings from 3 ranks on")
 
 
 # --------------------------------------------------------------------- optimisation

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.slow  # benchmarks start processes
 
 @pytest.mark.parametrize("kind", ["clip", "siglip", "symile"])
 def test_loss_bench_agrees_with_the_reference_and_writes_its_report(kind, tmp_path):
-    assert main(["bench", "loss", "--kind", kind, "--batch", "100", "--dim", "16", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "loss", "--kind", kind, "--batch", "100", "--dim", "16", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / f"loss_{kind}.json").read_text())
     for row in report["rows"]:
         ours, ref = row["mmclip"], row["reference"]
@@ -19,6 +20,25 @@ def test_loss_bench_agrees_with_the_reference_and_writes_its_report(kind, tmp_pa
             assert ours["loss"] == pytest.approx(ref["loss"], rel=1e-5)
     assert (tmp_path / f"loss_{kind}.md").read_text().count("\n| 100 | ") == 1 and (tmp_path / f"loss_{kind}.png").is_file()
 
+
+
+def test_bf16_loss_bench_reports_both_paths_the_amp_reference_and_their_precision(tmp_path):
+    assert main(["bench", "loss", "--kind", "clip", "--batch", "64", "--dim", "16", "--dtype", "bf16", "--repeats",
+                 "2", "--out", str(tmp_path)]) == 0
+    row, = json.loads((tmp_path / "loss_clip_bf16.json").read_text())["rows"]
+    assert len(row["mmclip"]["runs"]) == len(row["mmclip_fp32"]["runs"]) == len(row["reference"]["runs"]) == 2
+    for key in ("mmclip", "reference"):  # both low-precision results against float64 of the same bf16 inputs
+        assert row[key]["loss_rel_err"] < 1e-2 and row[key]["grad_cosine"] > 0.999
+    assert row["mmclip_fp32"]["loss"] == pytest.approx(row["mmclip"]["loss"], rel=1e-2)
+    assert "| 64 | mmclip bf16 |" in (tmp_path / "loss_clip_bf16.md").read_text()
+
+
+def test_ranks_loss_bench_runs_gather_and_ring_over_gloo_processes(tmp_path):
+    assert main(["bench", "loss", "--kind", "clip", "--batch", "64", "--dim", "16", "--ranks", "2", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    modes = json.loads((tmp_path / "loss_clip_ranks2.json").read_text())["modes"]
+    assert modes["ring"]["seconds"] > 0 and modes["ring"]["loss"] == pytest.approx(modes["gather"]["loss"], rel=1e-5)
+    assert "| ring |" in (tmp_path / "loss_clip_ranks2.md").read_text()
 
 def test_data_bench_sweeps_workers_and_writes_its_report(demo_shards, tmp_path):
     spec = str(demo_shards / "demo/train/train-{000000..000005}.tar")

@@ -104,7 +104,7 @@ def test_bf16_features_give_the_fp32_loss_to_bf16_precision(kind):
     loss = build(kind)
     low, low_g = loss_and_grads(lambda x: call(loss, x), features(modalities_for(kind), torch.bfloat16))
     high = call(loss, features(modalities_for(kind), torch.float32))
-    assert low.dtype == torch.bfloat16 and torch.isfinite(low)
+    assert low.dtype == torch.float32 and torch.isfinite(low)  # the value keeps its statistics' precision
     assert low.float().item() == pytest.approx(high.item(), rel=2e-2)
     assert all(g is None or g.dtype == torch.bfloat16 for g in low_g.values())
 

@@ -1,8 +1,9 @@
 """Losses: chunked cross-modal contrastive losses whose B×B similarity matrix never exists.
 InfoNCE (`clip`), sigmoid (`siglip`) and Symile (`symile`, 3+ modalities), with hard negatives, exact
 gradients (custom autograd Functions that recompute tiles in backward) and distributed over a process
-group with O(B·D) communication. Each loss registers itself in `pipeline.registry.LOSSES`; the contract
-every loss keeps is in `pipeline.losses.base`. Knows nothing about models or training.
+group with O(B·D) communication (all-gathered columns, or a ring of column blocks that keeps each rank at
+O(B_local·D)). Each loss registers itself in `pipeline.registry.LOSSES`; the contract every loss keeps is
+in `pipeline.losses.base`. Knows nothing about models or training.
 """
 from pipeline.losses import global_clip  # noqa: F401  (registers global_clip)
 from pipeline.losses.base import ContrastiveLoss

@@ -13,7 +13,8 @@ what it would have. `index` ([n] long) holds the rows' global sample indices (sh
 per-shard counts; -1 where the counts are unknown), for losses that keep per-sample state; such a
 loss registers with `needs_index=True` and the trainer refuses data without counts in one line.
 
-Output: a scalar, the GLOBAL loss over every rank's rows, identical on every rank. Its autograd
+Output: a scalar, the GLOBAL loss over every rank's rows, identical on every rank (fp32 for bf16/fp16
+features: statistics are kept in fp32; feature gradients come back in the features' dtype). Its autograd
 gradient is only THIS rank's SHARE of the global gradient: summed over ranks, the shares equal the
 single-process gradient (the scale and bias counted once). The trainer therefore multiplies by the
 world size (DeepSpeed averages gradients over ranks). Use `distributed.gather_with_grad` for columns
@@ -44,6 +45,8 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, cfg: LossSection, group=None, seed: int = 0):
         super().__init__()
         self.cfg, self.group, self.seed = cfg, group, seed
+        # what every functional loss takes: precision, how columns cross ranks, and the ranks
+        self.options = {"compute_dtype": cfg.compute_dtype, "distributed": cfg.distributed, "group": group}
 
     def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -8,29 +8,40 @@ from pydantic import Field
 
 from pipeline.config import LossSection
 from pipeline.losses.base import PairwiseLoss
-from pipeline.losses.distributed import gather_with_grad, global_sum
+from pipeline.losses.distributed import gather_with_grad, global_sum, rank_and_world, use_ring
 from pipeline.losses.mined import MinedNegativesConfig
-from pipeline.losses.tiled import DEFAULT_CHUNK, LogDenominators
+from pipeline.losses.tiled import LogDenominators, default_chunk, gemm_dtype, stat_dtype
 from pipeline.registry import LOSSES
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, chunk_size: int | None = None,
               hard_negatives: torch.Tensor | None = None, hard_negative_alpha: float = 1.0,
-              hard_negative_beta: float = 0.0, group=None) -> torch.Tensor:
+              hard_negative_beta: float = 0.0, compute_dtype: str = "auto", distributed: str = "auto",
+              group=None) -> torch.Tensor:
     """½[CE(s·A·Bᵀ) + CE(s·B·Aᵀ)] over the global batch, never materialising the B×B logits.
 
     With the defaults this equals `open_clip.loss.ClipLoss()(a, b, logit_scale)`. `hard_negatives`
     [B, K, D] are extra candidates for the a→b direction of each row (NegCLIP). α/β weight the
-    negatives as in DiHT's HN-NCE (α=1, β=0: InfoNCE; α=0, β=0: DCL). With `group`, each rank
-    passes its rows; every rank gets the global loss and its share of the global gradient.
+    negatives as in DiHT's HN-NCE (α=1, β=0: InfoNCE; α=0, β=0: DCL). `compute_dtype`: "auto"
+    runs the tile GEMMs in the features' dtype (bf16/fp16), "fp32" casts them to fp32; statistics
+    are fp32 either way (see pipeline.losses.tiled).
+
+    With `group`, each rank passes its local rows; every rank returns the GLOBAL loss value, and
+    gradients flow only into this rank's share, so summed over ranks they equal the
+    single-process gradient (the trainer multiplies by the world size because DeepSpeed averages).
+    `distributed`: "gather" all-gathers the columns (each rank holds all B·D of them and their
+    gradient); "ring" passes column blocks around the ranks, so a rank holds O(B_local·D);
+    "auto" rings from 3 ranks on.
     """
-    b_all = gather_with_grad(b, group)
-    positives = logit_scale * (a * b).sum(-1)
-    denominators = LogDenominators.apply(a, b_all, logit_scale, positives, hard_negatives,
+    ring = use_ring(distributed, group)
+    columns = b if ring else gather_with_grad(b, group)
+    gd = gemm_dtype(a, compute_dtype)
+    positives = logit_scale * (a.to(gd) * b.to(gd)).sum(-1, dtype=stat_dtype(a))
+    denominators = LogDenominators.apply(a, columns, logit_scale, positives, hard_negatives,
                                          float(hard_negative_alpha), float(hard_negative_beta), True,
-                                         chunk_size or DEFAULT_CHUNK, group)
+                                         chunk_size or default_chunk(a.device), group, compute_dtype, ring)
     local = 0.5 * denominators - positives.to(denominators.dtype).sum()
-    return (global_sum(local, group) / b_all.shape[0]).to(a.dtype)
+    return global_sum(local, group) / (a.shape[0] * rank_and_world(group)[1])
 
 
 class ClipConfig(LossSection):
@@ -45,4 +56,4 @@ class ClipLoss(PairwiseLoss):
     def pair_loss(self, a, b, negatives, features):
         return clip_loss(a, b, features["logit_scale"], chunk_size=self.cfg.chunk_size, hard_negatives=negatives,
                          hard_negative_alpha=self.cfg.hard_negative_alpha,
-                         hard_negative_beta=self.cfg.hard_negative_beta, group=self.group)
+                         hard_negative_beta=self.cfg.hard_negative_beta, **self.options)

@@ -24,7 +24,7 @@ from pipeline.errors import UserError
 from pipeline.losses.base import ContrastiveLoss
 from pipeline.losses.distributed import gather_rows, gather_with_grad, rank_and_world, sum_ranks
 from pipeline.losses.sample_table import SampleTable
-from pipeline.losses.tiled import DEFAULT_CHUNK, NEG_INF, accumulation_dtype, diagonal_mask, spans
+from pipeline.losses.tiled import NEG_INF, default_chunk, diagonal_mask, spans, stat_dtype
 from pipeline.registry import LOSSES
 
 
@@ -41,7 +41,7 @@ class AnchorLogSumExp(torch.autograd.Function):
         rank, _ = rank_and_world(group)
         n, N = a.shape[0], b.shape[0]
         offset = rank * n
-        acc = accumulation_dtype(a)
+        acc = stat_dtype(a)
         af, bf = a.detach().to(acc), b.detach().to(acc)
         rs, cs = row_scale.detach().to(acc)[:, None], col_scale.detach().to(acc)[None, :]
         rows = torch.full((n,), NEG_INF, dtype=acc, device=af.device)
@@ -62,7 +62,7 @@ class AnchorLogSumExp(torch.autograd.Function):
     def backward(ctx, g_rows, g_cols):
         a, b, row_scale, col_scale, rows, cols = ctx.saved_tensors
         chunk, group, offset = ctx.cfg
-        acc = accumulation_dtype(a)
+        acc = stat_dtype(a)
         af, bf = a.detach().to(acc), b.detach().to(acc)
         rs, cs = row_scale.detach().to(acc)[:, None], col_scale.detach().to(acc)[None, :]
         w_rows = g_rows.to(acc)[:, None]
@@ -87,7 +87,7 @@ def _tiles(af, bf, chunk, offset):
     """Yield (i0, i1, j0, j1, cosine tile, positive mask or None) over local rows × all columns."""
     for i0, i1 in spans(af.shape[0], chunk):
         for j0, j1 in spans(bf.shape[0], chunk):
-            yield i0, i1, j0, j1, af[i0:i1] @ bf[j0:j1].T, diagonal_mask(i0, i1, j0, j1, offset, af.device)
+            yield i0, i1, j0, j1, af[i0:i1] @ bf[j0:j1].T, diagonal_mask(i0 + offset, i1 + offset, j0, j1, af.device)
 
 
 def moving_average(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -127,13 +127,13 @@ def global_clip_loss(a: torch.Tensor, b: torch.Tensor, image_scale: torch.Tensor
     of the gradient. Features of any float dtype; statistics in fp32 (fp64 stays fp64).
     """
     n = a.shape[0]
-    acc = accumulation_dtype(a)
+    acc = stat_dtype(a)
     b_all = gather_with_grad(b, group)
     N = b_all.shape[0]
     s_img = image_scale.to(acc).expand(n)
     s_txt = text_scale.to(acc).expand(n)
     s_txt_all = gather_with_grad(s_txt, group) if text_scale.dim() else text_scale.to(acc).expand(N)
-    row_lse, col_lse = AnchorLogSumExp.apply(a, b_all, s_img, s_txt_all, chunk_size or DEFAULT_CHUNK, group)
+    row_lse, col_lse = AnchorLogSumExp.apply(a, b_all, s_img, s_txt_all, chunk_size or default_chunk(a.device), group)
     positives = (a.to(acc) * b.to(acc)).sum(-1)
     surrogate, value, new_u = [], [], []
     for lse, scale, log_u in ((row_lse, s_img, log_u_image), (col_lse, s_txt, log_u_text)):
@@ -146,7 +146,7 @@ def global_clip_loss(a: torch.Tensor, b: torch.Tensor, image_scale: torch.Tensor
     local = 0.5 * (surrogate[0] + surrogate[1]).sum()
     objective = sum_ranks(0.5 * (value[0] + value[1]).sum().detach(), group)
     loss = (local - local.detach() + objective) / N  # this rank's share of the gradient, the global value
-    return GlobalClipOutput(loss.to(a.dtype), new_u[0], new_u[1])
+    return GlobalClipOutput(loss, new_u[0], new_u[1])
 
 
 class GlobalClipLoss:

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from pipeline.config import Section
 from pipeline.losses.distributed import gather_rows, rank_and_world
-from pipeline.losses.tiled import DEFAULT_CHUNK, NEG_INF, accumulation_dtype, diagonal_mask, spans
+from pipeline.losses.tiled import NEG_INF, default_chunk, diagonal_mask, spans, stat_dtype
 
 
 @torch.no_grad()
@@ -27,15 +27,15 @@ def top_k_negatives(a: torch.Tensor, b_all: torch.Tensor, k: int, *, chunk_size:
     n, N = a.shape[0], b_all.shape[0]
     if not 0 < k < N:
         raise ValueError(f"top_k must be in [1, {N - 1}] for a global batch of {N}, got {k}")
-    chunk = chunk_size or DEFAULT_CHUNK
-    acc = accumulation_dtype(a)
+    chunk = chunk_size or default_chunk(a.device)
+    acc = stat_dtype(a)
     af, bf = a.to(acc), b_all.to(acc)
     values = torch.full((n, k), NEG_INF, dtype=acc, device=af.device)
     indices = torch.zeros((n, k), dtype=torch.long, device=af.device)
     for i0, i1 in spans(n, chunk):
         for j0, j1 in spans(N, chunk):
             z = af[i0:i1] @ bf[j0:j1].T
-            mask = diagonal_mask(i0, i1, j0, j1, rank * n, af.device)
+            mask = diagonal_mask(i0 + rank * n, i1 + rank * n, j0, j1, af.device)
             if mask is not None:
                 z = z.masked_fill(mask, NEG_INF)
             cols = torch.arange(j0, j1, device=af.device).expand(i1 - i0, -1)
@@ -71,7 +71,7 @@ def mix_negatives(anchors: torch.Tensor, b_all: torch.Tensor, top: torch.Tensor,
     Only the chosen rows are gathered (never the [n, k, D] block of all top-k candidates) and
     mixed in place in the output, so the peak is the output plus one gathered block.
     """
-    acc = accumulation_dtype(b_all)
+    acc = stat_dtype(b_all)
     s = draws.alpha.shape[1]
     out = torch.empty((top.shape[0], s + draws.beta.shape[1], b_all.shape[1]), dtype=acc, device=b_all.device)
 

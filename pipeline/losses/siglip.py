@@ -8,23 +8,26 @@ import torch
 from pipeline.config import LossSection
 from pipeline.errors import UserError
 from pipeline.losses.base import PairwiseLoss
-from pipeline.losses.distributed import gather_with_grad, global_sum
+from pipeline.losses.distributed import gather_with_grad, global_sum, rank_and_world, use_ring
 from pipeline.losses.mined import MinedNegativesConfig
-from pipeline.losses.tiled import DEFAULT_CHUNK, SigmoidPairs
+from pipeline.losses.tiled import SigmoidPairs, default_chunk
 from pipeline.registry import LOSSES
 
 
 def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
                 chunk_size: int | None = None, hard_negatives: torch.Tensor | None = None,
-                group=None) -> torch.Tensor:
+                compute_dtype: str = "auto", distributed: str = "auto", group=None) -> torch.Tensor:
     """−(1/B) Σ_ij log σ(z_ij·(s·a_i·b_j + bias)); equals `open_clip.loss.SigLipLoss()(a, b, s, bias)`.
 
-    `hard_negatives` [B, K, D] add K negative pairs per row. With `group`, rows are local,
-    columns global, and each rank gets the global loss and its share of the gradient.
+    `hard_negatives` [B, K, D] add K negative pairs per row. `compute_dtype` and `distributed` as
+    in `clip_loss`.
+    With `group`, each rank passes its local rows; every rank returns the GLOBAL loss value, and
+    gradients flow only into this rank's share (summed over ranks: the single-process gradient).
     """
-    b_all = gather_with_grad(b, group)
-    local = SigmoidPairs.apply(a, b_all, logit_scale, logit_bias, hard_negatives, chunk_size or DEFAULT_CHUNK, group)
-    return (global_sum(local, group) / b_all.shape[0]).to(a.dtype)
+    ring = use_ring(distributed, group)
+    local = SigmoidPairs.apply(a, b if ring else gather_with_grad(b, group), logit_scale, logit_bias, hard_negatives,
+                               chunk_size or default_chunk(a.device), group, compute_dtype, ring)
+    return global_sum(local, group) / (a.shape[0] * rank_and_world(group)[1])
 
 
 class SiglipConfig(LossSection):
@@ -38,4 +41,4 @@ class SiglipLoss(PairwiseLoss):
         if features.get("logit_bias") is None:
             raise UserError("loss.kind 'siglip' needs a logit bias: set model.init_logit_bias (SigLIP uses -10)")
         return siglip_loss(a, b, features["logit_scale"], features["logit_bias"], chunk_size=self.cfg.chunk_size,
-                           hard_negatives=negatives, group=self.group)
+                           hard_negatives=negatives, **self.options)

@@ -8,46 +8,58 @@ import torch
 from pipeline.batch import Features, modalities_of
 from pipeline.config import LossSection
 from pipeline.losses.base import ContrastiveLoss
-from pipeline.losses.distributed import gather_with_grad, global_sum
-from pipeline.losses.tiled import DEFAULT_CHUNK, LogDenominators, TupleLogDenominators
+from pipeline.losses.distributed import gather_with_grad, global_sum, permuted_rows, rank_and_world, use_ring
+from pipeline.losses.tiled import LogDenominators, TupleLogDenominators, default_chunk, gemm_dtype, stat_dtype
 from pipeline.registry import LOSSES
 
 
 def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, negatives: str = "n",
                 chunk_size: int | None = None, generator: torch.Generator | None = None,
-                group=None) -> torch.Tensor:
+                compute_dtype: str = "auto", distributed: str = "auto", group=None) -> torch.Tensor:
     """Mean over anchors of CE(s·MIP(anchor_i, candidates), positive = row i's own tuple).
 
     negatives="n": candidates are the row-wise product of the other modalities, each with a
     random row permutation from `generator` (global RNG if None), the true MIP on the diagonal.
     negatives="n_squared": every tuple of other-modality rows is a candidate (B^(M-1) columns,
-    tiled, equal to `symile.Symile("n_squared")`).
+    tiled, equal to `symile.Symile("n_squared")`). `compute_dtype` and `distributed` as in
+    `clip_loss`; "n_squared" always gathers (every tuple of every rank's rows is a candidate).
+
+    With `group`, each rank passes its local rows; every rank returns the GLOBAL loss value, and
+    gradients flow only into this rank's share (summed over ranks: the single-process gradient).
     """
     if len(features) < 2:
         raise ValueError(f"symile_loss needs at least 2 modalities, got {len(features)}")
     if negatives not in ("n", "n_squared"):
         raise ValueError(f"negatives must be 'n' or 'n_squared', got {negatives!r}")
-    chunk = chunk_size or DEFAULT_CHUNK
-    gathered = [gather_with_grad(f, group) for f in features]
-    n_global = gathered[0].shape[0]
+    chunk = chunk_size or default_chunk(features[0].device)
+    stat = stat_dtype(features[0])
+    features = [f.to(gemm_dtype(f, compute_dtype)) for f in features]  # tuple products in the GEMM dtype too
+    ring = use_ring(distributed, group) and negatives == "n"
+    n_global = features[0].shape[0] * rank_and_world(group)[1]
+    gathered = None if ring else [gather_with_grad(f, group) for f in features]
     total = None
     for m, anchor in enumerate(features):
         others_local = [f for k, f in enumerate(features) if k != m]
-        others = [g for k, g in enumerate(gathered) if k != m]
         true_tuple = anchor
         for o in others_local:
             true_tuple = true_tuple * o
-        positives = logit_scale * true_tuple.sum(-1)
+        positives = logit_scale * true_tuple.sum(-1, dtype=stat)
         if negatives == "n":
-            candidates = torch.ones_like(others[0])
-            for o in others:
-                candidates = candidates * o[torch.randperm(n_global, generator=generator).to(o.device)]
-            dens = LogDenominators.apply(anchor, candidates, logit_scale, positives, None, 1.0, 0.0, False, chunk, group)
+            # candidate j = Π_o o[perm_o[j]]; with the ring, this rank builds its own n candidates
+            # from rows fetched by one all-to-all, and the candidate blocks then travel the ring
+            sources = others_local if ring else [g for k, g in enumerate(gathered) if k != m]
+            candidates = torch.ones_like(sources[0])
+            for o in sources:
+                perm = torch.randperm(n_global, generator=generator).to(o.device)
+                candidates = candidates * (permuted_rows(o, perm, group) if ring else o[perm])
+            dens = LogDenominators.apply(anchor, candidates, logit_scale, positives, None, 1.0, 0.0, False, chunk,
+                                         group, compute_dtype, ring)
         else:
-            dens = TupleLogDenominators.apply(anchor, logit_scale, positives, chunk, group, *others)
+            others = [g for k, g in enumerate(gathered) if k != m]
+            dens = TupleLogDenominators.apply(anchor, logit_scale, positives, chunk, group, compute_dtype, *others)
         loss = dens - positives.to(dens.dtype).sum()
         total = loss if total is None else total + loss
-    return (global_sum(total, group) / (n_global * len(features))).to(features[0].dtype)
+    return global_sum(total, group) / (n_global * len(features))
 
 
 class SymileConfig(LossSection):
@@ -64,4 +76,4 @@ class SymileLoss(ContrastiveLoss):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return symile_loss([features[m] for m in modalities_of(features)], features["logit_scale"],
                            negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size, generator=generator,
-                           group=self.group)
+                           **self.options)
