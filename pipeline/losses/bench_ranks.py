@@ -107,7 +107,7 @@ def markdown(report: dict) -> str:
         if "seconds" not in cell:
             lines.append(f"| {mode} | failed: {cell.get('error', '')[:40]} | | | |")
             continue
-        ratio = lambda key: f"{cell[key] / gather[key]:.2f}×" if "seconds" in gather else "-"  # noqa: E731
+        ratio = lambda key, c=cell: f"{c[key] / gather[key]:.2f}×" if "seconds" in gather else "-"  # noqa: E731
         lines.append(f"| {mode} | {cell['extra_mib']:.0f} | {ratio('extra_mib')} | {cell['seconds']:.2f} | "
                      f"{ratio('seconds')} |")
     return "\n".join(lines) + "\n"

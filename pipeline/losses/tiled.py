@@ -191,8 +191,8 @@ class LogDenominators(torch.autograd.Function):
         r1, r2 = (torch.full((n,), NEG_INF, device=ag.device, dtype=st) for _ in range(2))
         blocks = Ring([b.detach().to(gd)], group, enabled=ring)
         for owner, (block,) in blocks:
-            fresh = lambda: [torch.full((block.shape[0],), NEG_INF, device=ag.device, dtype=st)  # noqa: E731
-                             for _ in range(2)]
+            fresh = lambda rows=block.shape[0]: [torch.full((rows,), NEG_INF, device=ag.device, dtype=st)  # noqa: E731
+                                                 for _ in range(2)]
             c1, c2 = blocks.take(fresh) if cols else (None, None)
             sweep_statistics(ag, block, offset, owner * block.shape[0], sf, beta, cols, chunk, r1, r2, c1, c2)
             if cols:
@@ -239,7 +239,7 @@ class LogDenominators(torch.autograd.Function):
         col_stats = [c1, c2, torch.exp(v_col - d_col), d_col] if cols else []
         blocks = Ring([b.detach().to(gd), *col_stats], group, enabled=ring)
         for owner, (block, *stats) in blocks:
-            gb, = blocks.take(lambda: [torch.zeros(block.shape[0], D, device=ag.device, dtype=st)])
+            gb, = blocks.take(lambda rows=block.shape[0]: [torch.zeros(rows, D, device=ag.device, dtype=st)])
             sweep_gradients(ag, block, stats, row_stats, offset, owner * block.shape[0], s, beta, cols, chunk, ga, gb)
             blocks.give([gb])
         gb, = blocks.carried
@@ -313,7 +313,7 @@ class SigmoidPairs(torch.autograd.Function):
         blocks = Ring([b.detach().to(gd)], group, enabled=ring)
         for owner, (block,) in blocks:
             col_offset = owner * block.shape[0]
-            gb, = blocks.take(lambda: [torch.zeros(block.shape[0], D, device=dev, dtype=st)])
+            gb, = blocks.take(lambda rows=block.shape[0]: [torch.zeros(rows, D, device=dev, dtype=st)])
             for i0, i1 in spans(n, chunk):
                 rows = ag[i0:i1]
                 for j0, j1 in spans(block.shape[0], chunk):
