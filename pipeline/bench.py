@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-
 REALISTIC_CONFIG = "configs/bench_realistic.yaml"
 
 

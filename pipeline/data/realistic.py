@@ -88,8 +88,8 @@ def _demo_items(data_root: Path) -> list[tuple[np.ndarray, str]]:
     return items
 
 
-def photo_like(items: list[np.ndarray], rng: np.random.Generator) -> "Image.Image":
-    """One synthetic photo (see the module docstring)."""
+def photo_like(items: list[np.ndarray], rng: np.random.Generator):
+    """One synthetic photo, a PIL image (see the module docstring)."""
     from PIL import Image
 
     width = int(rng.integers(480, 801))

@@ -130,7 +130,7 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
         for i in range(repeats):  # interleaved, so machine noise hits every variant alike
             for name, (make_cmd, env, rate) in variants.items():
                 run_dir = tmp / f"{name}{i}"
-                runs[name].append(_throughput(make_cmd(run_dir), env, lambda log: rate(run_dir, log))[0])
+                runs[name].append(_throughput(make_cmd(run_dir), env, lambda log, d=run_dir, r=rate: r(d, log))[0])
         for name, values in runs.items():
             results[f"{name}_samples_per_s"], results[f"{name}_runs"] = statistics.median(values), values
         results["threads_env"] = threads
@@ -192,13 +192,18 @@ def write_report(r: dict, out: Path) -> None:
     print("\n".join(lines))
 
 
-def plot(r: dict, path: Path) -> None:
-    """Left: samples/s of every run; right: peak RSS against global batch, with the memory cap."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(r: dict, path: Path) -> None:
+    """Left: samples/s of every run; right: peak RSS against global batch, with the memory cap."""
+    plt = _pyplot()
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for x, (key, label) in enumerate(LABELS.items()):
         runs = r[f"{key}_runs"]
@@ -250,7 +255,7 @@ def run_realistic_train_bench(config: str = "configs/bench_realistic.yaml", batc
             for (trainer, precision), (make_cmd, rate) in variants.items():
                 run_dir = tmp / f"{trainer}-{precision}-{i}"
                 runs[(trainer, precision)].append(_throughput(make_cmd(run_dir), None,
-                                                              lambda log: rate(run_dir, log)))
+                                                              lambda log, d=run_dir, r=rate: r(d, log)))
         for (trainer, precision), values in runs.items():
             results["rows"].append({"trainer": trainer, "precision": precision,
                                     "samples_per_s": statistics.median(v for v, _ in values),
@@ -282,11 +287,7 @@ def write_realistic_report(r: dict, out: Path) -> None:
 
 
 def plot_realistic(r: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(9, 3.6))
     for x, row in enumerate(r["rows"]):
         colour = "C0" if row["trainer"] == "mmclip" else "C1"
