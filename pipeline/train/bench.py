@@ -256,6 +256,8 @@ def run_realistic_train_bench(config: str = "configs/bench_realistic.yaml", batc
                 run_dir = tmp / f"{trainer}-{precision}-{i}"
                 runs[(trainer, precision)].append(_throughput(make_cmd(run_dir), None,
                                                               lambda log, d=run_dir, r=rate: r(d, log)))
+                speed, rss = runs[(trainer, precision)][-1]
+                print(f"run {i}: {trainer} {precision} {speed:.2f} samples/s, peak RSS {rss} MiB", flush=True)
         for (trainer, precision), values in runs.items():
             results["rows"].append({"trainer": trainer, "precision": precision,
                                     "samples_per_s": statistics.median(v for v, _ in values),
