@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+REALISTIC_CONFIG = "configs/bench_realistic.yaml"
+
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
@@ -26,16 +28,23 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                       help="W > 1: all-gather vs ring over W gloo processes at the (single) --batch as global batch")
     data = sub.add_parser("data", help="decode+transform+batch samples/s vs open_clip's webdataset loader")
     data.add_argument("--shards", default=None, help="shard spec (default: the demo train shards)")
-    data.add_argument("--batch-size", type=int, default=256)
+    data.add_argument("--batch-size", type=int, default=None, help="default 256; realistic 64 (audio a quarter)")
     data.add_argument("--workers", type=_ints, default=[0, 1, 2], help="comma-separated worker counts to sweep")
     data.add_argument("--repeats", type=int, default=3, help="runs per cell (median reported)")
-    data.add_argument("--batches", type=int, default=40)
+    data.add_argument("--batches", type=int, default=None, help="timed batches per run (default 40; realistic 10)")
+    data.add_argument("--realistic", action="store_true",
+                      help="photo-like 480-800 px JPEGs at 224 px and 10-s crops of 10-s vs 60-s 48 kHz stereo FLACs, "
+                           "synthesised from data/ once into data/shards/realistic (pipeline.data.realistic)")
     train = sub.add_parser("train", help="training samples/s and largest batch under a memory cap vs open_clip_train")
     train.add_argument("--config", default="configs/demo.yaml")
-    train.add_argument("--batch", type=int, default=128)
-    train.add_argument("--steps", type=int, default=30)
+    train.add_argument("--batch", type=int, default=None, help="global batch (default 128; realistic 32)")
+    train.add_argument("--steps", type=int, default=None, help="steps per run (default 30; realistic 8)")
     train.add_argument("--mem-cap-mib", type=int, default=3072)
     train.add_argument("--max-batch", type=int, default=65536)
+    train.add_argument("--realistic", action="store_true",
+                       help="configs/bench_realistic.yaml (ViT-Ti/16 shape, 224 px) on the realistic JPEGs, fp32 and "
+                            "bf16, samples/s and peak RSS (uses --batch, default 32, and --steps, default 8)")
+    train.add_argument("--repeats", type=int, default=3, help="runs per trainer (median reported)")
     quality = sub.add_parser("quality", help="zero-shot quality of loss options on the demo, mean over seeds")
     quality.add_argument("--study", choices=["small_batch", "mined"], default="small_batch")
     quality.add_argument("--seeds", type=_ints, default=[0, 1, 2])
@@ -63,18 +72,37 @@ def run_bench(args) -> int:
 
             run_loss_bench(args.kind, args.batch, args.dim, args.out, dtype=args.dtype, repeats=args.repeats,
                            threads=args.threads)
+    elif args.bench == "data" and args.realistic:
+        from pipeline.data.bench import run_realistic_data_bench
+        from pipeline.data.realistic import build_realistic
+        from pipeline.modalities.audio import AudioPreprocess
+
+        summary = build_realistic(progress=False)
+        towers, data = tower_inputs(REALISTIC_CONFIG)
+        towers["audio"] = AudioPreprocess(data.modality("audio").sample_rate)
+        batch = args.batch_size or 64
+        run_realistic_data_bench(summary, (towers, data), batch, max(1, batch // 4), args.workers, args.batches or 10,
+                                 args.out, args.repeats)
     elif args.bench == "data":
         from pipeline.data.bench import run_data_bench
 
         setups = {c: tower_inputs(c) for c in ("configs/demo.yaml", "configs/demo_symile.yaml")}
-        run_data_bench(args.shards, args.batch_size, args.workers, args.batches, args.out, setups, args.repeats)
+        run_data_bench(args.shards, args.batch_size or 256, args.workers, args.batches or 40, args.out, setups,
+                       args.repeats)
     elif args.bench == "quality":
         from pipeline.train.bench_quality import run_quality_bench
 
         run_quality_bench(args.study, args.seeds, args.out)
+    elif args.realistic:
+        from pipeline.data.realistic import build_realistic
+        from pipeline.train.bench import run_realistic_train_bench
+
+        build_realistic(progress=False)
+        run_realistic_train_bench(REALISTIC_CONFIG, batch=args.batch or 32, steps=args.steps or 8, out_dir=args.out,
+                                  repeats=args.repeats)
     else:
         from pipeline.train.bench import run_train_bench
 
-        run_train_bench(args.config, batch=args.batch, steps=args.steps, mem_cap_mib=args.mem_cap_mib,
-                        max_batch=args.max_batch, out_dir=args.out)
+        run_train_bench(args.config, batch=args.batch or 128, steps=args.steps or 30, mem_cap_mib=args.mem_cap_mib,
+                        max_batch=args.max_batch, out_dir=args.out, repeats=args.repeats)
     return 0

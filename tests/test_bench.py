@@ -1,4 +1,5 @@
 """The benchmarks run end to end at toy sizes and write their table, JSON and plot (numbers live in docs/bench)."""
+import io
 import json
 
 import pytest
@@ -50,3 +51,33 @@ def test_data_bench_sweeps_workers_and_writes_its_report(demo_shards, tmp_path):
                                                    ("audio+text", "mmclip")] for w in (0, 1)}
     assert all(r["samples_per_s"] > 0 for r in report["rows"])
     assert "| audio+text | 1 |" in (tmp_path / "data.md").read_text() and (tmp_path / "data.png").is_file()
+
+
+@pytest.mark.slow  # ~15 s on an idle 2-core machine: two 60-s FLACs are synthesised and verified
+def test_realistic_sets_are_built_once_and_their_bench_reports_both_audio_lengths(tmp_path):
+    """Toy-size `bench data --realistic`: a few photo-like JPEGs and 10-s / 60-s 48 kHz stereo FLACs."""
+    import soundfile
+    import webdataset as wds
+
+    from pipeline.bench import REALISTIC_CONFIG, tower_inputs
+    from pipeline.data.bench import run_realistic_data_bench
+    from pipeline.data.realistic import build_realistic
+    from pipeline.modalities.audio import AudioPreprocess
+
+    summary = build_realistic(tmp_path / "realistic", n_images=6, n_audio=2)
+    stamp = (tmp_path / "realistic/summary.json").stat().st_mtime_ns
+    assert build_realistic(tmp_path / "realistic", n_images=6, n_audio=2) == summary  # cached
+    assert (tmp_path / "realistic/summary.json").stat().st_mtime_ns == stamp
+    assert 40 < summary["mean_jpeg_kb"] < 160  # the recipe's 600 images average ~100 KB (docs/bench)
+    sample = next(iter(wds.WebDataset(summary["audio60"], shardshuffle=False)))
+    info = soundfile.info(io.BytesIO(sample["flac"]))
+    assert (info.samplerate, info.channels, round(info.duration)) == (48000, 2, 60)
+
+    towers, data = tower_inputs(REALISTIC_CONFIG)
+    towers["audio"] = AudioPreprocess(data.modality("audio").sample_rate)
+    report = run_realistic_data_bench(summary, (towers, data), 4, 2, [0], 1, str(tmp_path), repeats=1)
+    cells = {(r["modalities"], r["loader"]) for r in report["rows"]}
+    assert cells == {("image+text", "mmclip"), ("image+text", "open_clip"), ("audio+text, 10-s files", "mmclip"),
+                     ("audio+text, 60-s files", "mmclip")}
+    assert all(r["samples_per_s"] > 0 for r in report["rows"])
+    assert "| audio+text, 60-s files | 0 |" in (tmp_path / "data_realistic.md").read_text()

@@ -209,6 +209,8 @@ class ShardStream(IterableDataset):
         for m in present:
             try:
                 out[m] = self.preprocess[m](self.kinds[m].select(sample[m], rng, self.train))
+            except Skip:  # a modality's own reason (e.g. corrupt_image found when the pixels are decoded)
+                raise
             except Exception as exc:  # a transform failing on one sample must not stop the stream
                 raise Skip(f"bad_{m}") from exc
         if self.negatives:

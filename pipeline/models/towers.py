@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.config import TowerConfig
 from pipeline.errors import UserError
 from pipeline.modalities.audio import AudioPreprocess
-from pipeline.modalities.image import ImagePreprocess
+from pipeline.modalities.image import ImagePreprocess, normalize_uint8
 from pipeline.modalities.text import TextPreprocess
 from pipeline.registry import TOWERS
 
@@ -35,6 +35,15 @@ class Tower(nn.Module):
         self.export_cfg = export_cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images may come as uint8 (training batches, see pipeline.modalities.image): normalised here, once per
+        batch, on the tower's device. Audio may come as K crops per sample, [B, K, T]: the sample's embedding
+        is the mean of its crops' embeddings."""
+        if x.dtype == torch.uint8 and isinstance(self.preprocess, ImagePreprocess):
+            dtype = next(self.encoder.parameters()).dtype
+            x = normalize_uint8(x, self.preprocess.mean, self.preprocess.std, dtype)
+        if isinstance(self.preprocess, AudioPreprocess) and x.dim() == 3:
+            b, k = x.shape[:2]
+            return self.encoder(x.flatten(0, 1)).view(b, k, -1).mean(1)
         return self.encoder(x)
 
 
