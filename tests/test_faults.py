@@ -1,5 +1,6 @@
 """Fault injection: bad inputs and faults end with one `mmclip: error:` line or finish with the damage counted;
 never a hang, never a traceback, never a lost checkpoint. The rows follow the README's reliability table."""
+import contextlib
 import json
 import os
 import random
@@ -253,7 +254,8 @@ def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
                 break
             time.sleep(0.25)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # nothing left is the expected outcome
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, err.read_text()[-3000:]
     assert "Traceback" not in err.read_text()
     assert "mmclip: stopped by SIGTERM at step 0; no step had finished" in err.read_text()
