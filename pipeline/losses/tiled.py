@@ -58,6 +58,15 @@ def mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x @ y
 
 
+def _backward_inputs(a: torch.Tensor, g: torch.Tensor, group, compute: str):
+    """What a tiled backward starts from: sizes, this rank's row offset, the statistics and GEMM dtypes,
+    the incoming gradient in the statistics dtype, and the rows in the GEMM dtype."""
+    rank, _ = rank_and_world(group)
+    n, d = a.shape
+    st, gd = stat_dtype(a), gemm_dtype(a, compute)
+    return n, d, rank * n, st, gd, g.to(st), a.detach().to(gd)
+
+
 def spans(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
@@ -226,12 +235,7 @@ class LogDenominators(torch.autograd.Function):
     def backward(ctx, g):
         a, b, scale, zd, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col = ctx.saved_tensors
         alpha, beta, cols, chunk, group, ring, compute = ctx.cfg
-        rank, _ = rank_and_world(group)
-        n, D = a.shape
-        offset = rank * n
-        st, gd = stat_dtype(a), gemm_dtype(a, compute)
-        g = g.to(st)
-        ag = a.detach().to(gd)
+        n, D, offset, st, gd, g, ag = _backward_inputs(a, g, group, compute)
         s = scale.detach().to(st)
         positive_scale(s)
         ga = torch.zeros(n, D, device=ag.device, dtype=st)  # Σ_j G_ij b_j over every column block
@@ -299,12 +303,7 @@ class SigmoidPairs(torch.autograd.Function):
     def backward(ctx, g):
         a, b, scale, bias, negs = ctx.saved_tensors
         chunk, group, ring, compute = ctx.cfg
-        rank, _ = rank_and_world(group)
-        n, D = a.shape
-        offset = rank * n
-        st, gd = stat_dtype(a), gemm_dtype(a, compute)
-        g = g.to(st)
-        ag = a.detach().to(gd)
+        n, D, offset, st, gd, g, ag = _backward_inputs(a, g, group, compute)
         s, t = scale.detach().to(st), bias.detach().to(st).reshape(1)
         dev = ag.device
         ga = torch.zeros(n, D, device=dev, dtype=st)
