@@ -87,7 +87,7 @@ def init_distributed(timeout_s: int):
     return env
 
 
-def claim_output_dir(cfg: RunConfig, rank: int, resume: str | None, restart: bool):
+def claim_output_dir(cfg: RunConfig, resume: str | None, restart: bool):
     """Rank 0 locks output_dir and checks it may start here; every rank learns the outcome (one line if not)."""
     from pipeline.train.ranks import decide_on_rank0
     from pipeline.train.rundir import RunLock, prepare_output_dir
@@ -142,7 +142,7 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
     if cfg.data.batch_size % world:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} ranks")
     num_samples = require_sample_counts(cfg)
-    lock = claim_output_dir(cfg, rank, resume, restart)
+    lock = claim_output_dir(cfg, resume, restart)
     try:
         log = RunLog(cfg.output_dir, rank, world)
         set_seed(cfg.train.seed)  # accelerate's utility: python, numpy and torch (all devices) at once
