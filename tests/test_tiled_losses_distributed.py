@@ -97,7 +97,8 @@ def test_distributed_loss_equals_global_loss(case, world, tmp_path):
     assert_equals_one_process(case, world, tmp_path, "gather", B)
 
 
-@pytest.mark.parametrize("world,b", [(2, 14), (3, 15), (4, 12)])  # 7, 5 and 3 rows a rank; tiles of 5
+# 7, 5, 3 and 11 rows a rank; tiles (and ring parts) of 5
+@pytest.mark.parametrize("world,b", [(2, 14), (3, 15), (4, 12), (3, 33)])
 @pytest.mark.parametrize("case", ["clip", "siglip", "symile_n"])
 def test_ring_equals_global_loss(case, world, b, tmp_path):
     assert_equals_one_process(case, world, tmp_path, "ring", b)

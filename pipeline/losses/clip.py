@@ -10,7 +10,7 @@ from pipeline.config import LossSection
 from pipeline.losses.base import PairwiseLoss
 from pipeline.losses.distributed import gather_with_grad, global_sum, rank_and_world, use_ring
 from pipeline.losses.mined import MinedNegativesConfig
-from pipeline.losses.tiled import LogDenominators, default_chunk, gemm_dtype, stat_dtype
+from pipeline.losses.tiled import LogDenominators, default_chunk
 from pipeline.registry import LOSSES
 
 
@@ -35,12 +35,10 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, ch
     """
     ring = use_ring(distributed, group)
     columns = b if ring else gather_with_grad(b, group)
-    gd = gemm_dtype(a, compute_dtype)
-    positives = logit_scale * (a.to(gd) * b.to(gd)).sum(-1, dtype=stat_dtype(a))
-    denominators = LogDenominators.apply(a, columns, logit_scale, positives, hard_negatives,
-                                         float(hard_negative_alpha), float(hard_negative_beta), True,
-                                         chunk_size or default_chunk(a.device), group, compute_dtype, ring)
-    local = 0.5 * denominators - positives.to(denominators.dtype).sum()
+    cross_entropies = LogDenominators.apply(a, columns, logit_scale, None, hard_negatives,
+                                            float(hard_negative_alpha), float(hard_negative_beta), True,
+                                            chunk_size or default_chunk(a.device), group, compute_dtype, ring)
+    local = 0.5 * cross_entropies
     return global_sum(local, group) / (a.shape[0] * rank_and_world(group)[1])
 
 

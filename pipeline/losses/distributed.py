@@ -71,26 +71,33 @@ def arrived(receiving: list) -> list[torch.Tensor]:
 
 
 class Ring:
-    """Column blocks that travel rank → rank + 1: at step k this rank holds block (rank − k) mod world.
+    """Column blocks that travel rank → rank + 1, one part of `part_rows` rows at a time.
 
-    Iterating yields (owner rank, that owner's tensors) for every rank's block, this rank's own
-    first, while the next block is already being received (exchange overlaps compute). Results
-    that belong to a block's owner (column statistics, column gradients) travel with the block:
-    `take(fresh)` returns the accumulators for the block held now (fresh ones for this rank's own
-    block, else those the previous ranks filled), the caller adds its part in place, and `give`
-    passes them on; after the last step `carried` holds this rank's own block's totals. Without a
-    group (or with `enabled=False`) it is one block at offset 0: the all-gathered columns. A rank
-    holds its own block, the current one, the one arriving, and two sets of accumulators.
+    Each rank's block is cut into parts; part p of every rank goes once around the ring (at step k
+    this rank holds part p of rank (rank − k) mod world), then part p + 1. Iterating yields
+    (global row offset, tensors) for every part of every rank's block, while the next one is
+    already being received (exchange overlaps compute). Results that belong to a block's owner
+    (column statistics, column gradients) travel with their part: `take(fresh)` returns the
+    accumulators for the part held now (fresh ones for this rank's own part, else those the
+    previous ranks filled), the caller adds its share in place, and `give` passes them on; after
+    the iteration `carried` holds this rank's own block's totals, parts joined. A rank thus holds
+    its own block, and of the parts only the current one, the one arriving and two sets of
+    accumulators: parts of `chunk` rows keep the ring's memory near O(B_local·D) with a small
+    constant. Without a group (or with `enabled=False`) it is one block at offset 0: the
+    all-gathered columns.
     """
 
     SLOTS = 8  # tag space per step: features in the low half, accumulators in the high half
 
-    def __init__(self, tensors: list[torch.Tensor], group, enabled: bool = True):
-        self.tensors = [t.contiguous() for t in tensors]
+    def __init__(self, tensors: list[torch.Tensor], group, enabled: bool = True, part_rows: int | None = None):
+        self.tensors = tensors
         self.rank, self.world = rank_and_world(group if enabled else None)
         self.group = group if enabled and self.world > 1 else None
-        self.step = 0
+        self.rows = tensors[0].shape[0]
+        self.part_rows = part_rows if self.group is not None and part_rows else self.rows
+        self.step = 0  # counts every exchange step, so each message has its own tag
         self.carried: list[torch.Tensor] | None = None
+        self._first = True
         self._sends: list = []
         self._arriving: list = []
 
@@ -109,35 +116,50 @@ class Ring:
         self._sends = [(step, req) for step, req in self._sends if step >= before_step]
 
     def __iter__(self):
-        current = self.tensors
-        for k in range(self.world):
-            self.step = k
-            self._settle(k)
-            following = []
-            if k + 1 < self.world:
-                for i, t in enumerate(current):
-                    self._isend(t, k * self.SLOTS + i)
-                following = [self._irecv(torch.empty_like(t), k * self.SLOTS + i) for i, t in enumerate(current)]
-            yield (self.rank - k) % self.world, current
-            current = arrived(following)
-        if self.group is not None and self._arriving:
-            self.carried = arrived(self._arriving)
-        self._settle(self.world)
+        for p0 in range(0, self.rows, self.part_rows):
+            p1 = min(self.rows, p0 + self.part_rows)
+            current = [t[p0:p1].contiguous() for t in self.tensors]
+            for k in range(self.world):
+                self.step += 1
+                self._settle(self.step)
+                following = []
+                if k + 1 < self.world:
+                    tag = self.step * self.SLOTS
+                    for i, t in enumerate(current):
+                        self._isend(t, tag + i)
+                    following = [self._irecv(torch.empty_like(t), tag + i) for i, t in enumerate(current)]
+                self._first = k == 0
+                yield ((self.rank - k) % self.world) * self.rows + p0, current
+                current = arrived(following)
+            self._keep(p0, p1, arrived(self._arriving) if self.group is not None else self._arriving)
+        self._settle(self.step + 1)
+
+    def _keep(self, p0: int, p1: int, totals: list[torch.Tensor]) -> None:
+        """This rank's own part's totals, back from the ring, into the joined `carried`."""
+        if not totals:
+            return
+        if self.part_rows == self.rows:
+            self.carried = totals
+            return
+        if self.carried is None:
+            self.carried = [t.new_empty((self.rows,) + t.shape[1:]) for t in totals]
+        for whole, part in zip(self.carried, totals):
+            whole[p0:p1] = part
 
     def take(self, fresh) -> list[torch.Tensor]:
-        if self.step == 0 or self.group is None:
+        if self._first or self.group is None:
             return fresh()
         return arrived(self._arriving)
 
     def give(self, accumulators: list[torch.Tensor]) -> None:
         if self.group is None:
-            self.carried = accumulators
+            self._arriving = accumulators
             return
-        base = self.step * self.SLOTS + self.SLOTS // 2
+        tag = self.step * self.SLOTS + self.SLOTS // 2
         for i, t in enumerate(accumulators):
-            self._isend(t, base + i)
-        # the next step's block's accumulators (after the last step: this rank's own) come from the previous rank
-        self._arriving = [self._irecv(torch.empty_like(t), base + i) for i, t in enumerate(accumulators)]
+            self._isend(t, tag + i)
+        # the next step's part's accumulators (after a part's last step: this rank's own) come from the previous rank
+        self._arriving = [self._irecv(torch.empty_like(t), tag + i) for i, t in enumerate(accumulators)]
 
 
 DISTRIBUTED_MODES = ("auto", "gather", "ring")

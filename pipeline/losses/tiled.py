@@ -58,6 +58,14 @@ def mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x @ y
 
 
+def add_product(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+    """acc += x @ y, in place without a product temporary when the GEMM runs in acc's dtype."""
+    if x.dtype == acc.dtype:
+        acc.addmm_(x, y)
+    else:
+        acc += mm(x, y).to(acc.dtype)  # fp32 += bf16 in two passes beats one mixed-dtype pass
+
+
 def _backward_inputs(a: torch.Tensor, g: torch.Tensor, group, compute: str):
     """What a tiled backward starts from: sizes, this rank's row offset, the statistics and GEMM dtypes,
     the incoming gradient in the statistics dtype, and the rows in the GEMM dtype."""
@@ -69,6 +77,16 @@ def _backward_inputs(a: torch.Tensor, g: torch.Tensor, group, compute: str):
 
 def spans(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def row_dots(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """⟨x_i, y_i⟩ per row in `dtype`, a row chunk at a time: no [n, D] temporary at the memory peak."""
+    return torch.cat([(x[i0:i1].to(dtype) * y[i0:i1].to(dtype)).sum(-1) for i0, i1 in spans(x.shape[0], chunk)])
+
+
+def in_dtype(acc: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """acc·factor in `dtype`; the caller rebinds its name, so a converted accumulator is freed at once."""
+    return acc.mul_(factor).to(dtype)
 
 
 def diagonal_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | None:
@@ -157,7 +175,7 @@ def sweep_gradients(ag, block, col_stats, row_stats, row_offset, col_offset, s, 
                 if cols:
                     G += w_col[None, j0:j1] * softmax_weights(zf, c1[None, j0:j1], c2[None, j0:j1], beta)
             else:  # v = LSE when β = 0, so w·exp(z − LSE) = exp(z − d): one exp per direction
-                G = dots.to(st, copy=True)
+                G = dots.to(st)  # a fresh product: in fp32 it is overwritten in place, no copy
                 by_col = torch.add(-d_col[None, j0:j1], G, alpha=sf).exp_() if cols else None
                 torch.add(-d_row[i0:i1, None], G, alpha=sf, out=G).exp_()
                 if cols:
@@ -166,8 +184,13 @@ def sweep_gradients(ag, block, col_stats, row_stats, row_offset, col_offset, s, 
             if m is not None:
                 G.masked_fill_(m, 0.0)
             G = G.to(gd)
-            ga[i0:i1] += mm(G, block[j0:j1]).to(st)  # fp32 += bf16 in two passes beats one mixed-dtype pass
-            gb[j0:j1] += mm(G.T, rows).to(st)
+            add_product(ga[i0:i1], G, block[j0:j1])
+            add_product(gb[j0:j1], G.T, rows)
+
+
+def _own_rows(x: torch.Tensor, offset: int, n: int, ring: bool) -> torch.Tensor:
+    """This rank's rows of a column-side tensor: all of it with the ring, rows offset..offset+n if gathered."""
+    return x if ring else x[offset:offset + n]
 
 
 class LogDenominators(torch.autograd.Function):
@@ -176,8 +199,10 @@ class LogDenominators(torch.autograd.Function):
     Inputs: local rows `a` [n, D]; columns `b`: all N of them (every rank's, gathered by the
     caller), or with `ring` only this rank's n, the others passing by around the ring; the
     positive logits `zd` [n] (plain autograd outside, so any positive can be used, e.g.
-    Symile's true MIP); per-row hard negatives [n, K, D]. Row i's positive is column
-    rank·n + i. With HN-NCE (α, β) the log-denominator is
+    Symile's true MIP), or None for the pair's own s·⟨a_i, b_i⟩: then the result is the sum of
+    cross-entropies Σ(d − z_ii) and the positives' gradient goes into the accumulators in place
+    (no [n, D] gradient temporaries of an outside product at the memory peak); per-row hard
+    negatives [n, K, D]. Row i's positive is column rank·n + i. With HN-NCE (α, β) the log-denominator is
     log(α·e^{z_ii} + N_neg · Σ_{j≠i} e^{(1+β)z_ij} / Σ_{j≠i} e^{βz_ij}); α=1, β=0 is InfoNCE.
     Tiles of chunk×chunk logits are made, reduced by online log-sum-exp and dropped; backward
     makes them again. Only O(n) row and O(N) (ring: O(n)) column statistics are kept; with the
@@ -198,12 +223,12 @@ class LogDenominators(torch.autograd.Function):
         s = scale.detach().to(st)
         sf = positive_scale(s)
         r1, r2 = (torch.full((n,), NEG_INF, device=ag.device, dtype=st) for _ in range(2))
-        blocks = Ring([b.detach().to(gd)], group, enabled=ring)
-        for owner, (block,) in blocks:
+        blocks = Ring([b.detach().to(gd)], group, enabled=ring, part_rows=chunk)
+        for col_offset, (block,) in blocks:
             fresh = lambda rows=block.shape[0]: [torch.full((rows,), NEG_INF, device=ag.device, dtype=st)  # noqa: E731
                                                  for _ in range(2)]
             c1, c2 = blocks.take(fresh) if cols else (None, None)
-            sweep_statistics(ag, block, offset, owner * block.shape[0], sf, beta, cols, chunk, r1, r2, c1, c2)
+            sweep_statistics(ag, block, offset, col_offset, sf, beta, cols, chunk, r1, r2, c1, c2)
             if cols:
                 blocks.give([c1, c2])
         if negs is not None:
@@ -212,7 +237,8 @@ class LogDenominators(torch.autograd.Function):
             if beta:
                 r2 = torch.logaddexp(r2, torch.logsumexp(beta * zn, 1))
         k = 0 if negs is None else negs.shape[1]
-        zdf = zd.detach().to(st)
+        diagonal = zd is None
+        zdf = s * row_dots(ag, _own_rows(b, offset, n, ring), st, chunk) if diagonal else zd.detach().to(st)
         log_alpha = math.log(alpha) if alpha > 0 else NEG_INF
         v_row = r1 if not beta else math.log(N - 1 + k) + r1 - r2
         d_row = torch.logaddexp(log_alpha + zdf, v_row)
@@ -227,24 +253,26 @@ class LogDenominators(torch.autograd.Function):
             total = total + d_col.sum()
             if not ring:
                 d_col = gather_rows(d_col, group)
-        ctx.save_for_backward(a, b, scale, zd, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col)
-        ctx.cfg = (alpha, beta, cols, chunk, group, ring, compute)
+        if diagonal:
+            total = total - (2 if cols else 1) * zdf.sum()
+        ctx.save_for_backward(a, b, scale, zdf, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col)
+        ctx.cfg = (alpha, beta, cols, chunk, group, ring, compute, diagonal, None if diagonal else zd.dtype)
         return total
 
     @staticmethod
     def backward(ctx, g):
-        a, b, scale, zd, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col = ctx.saved_tensors
-        alpha, beta, cols, chunk, group, ring, compute = ctx.cfg
+        a, b, scale, zdf, negs, r1, r2, v_row, d_row, c1, c2, v_col, d_col = ctx.saved_tensors
+        alpha, beta, cols, chunk, group, ring, compute, diagonal, zd_dtype = ctx.cfg
         n, D, offset, st, gd, g, ag = _backward_inputs(a, g, group, compute)
         s = scale.detach().to(st)
         positive_scale(s)
         ga = torch.zeros(n, D, device=ag.device, dtype=st)  # Σ_j G_ij b_j over every column block
         row_stats = (r1, r2, torch.exp(v_row - d_row), d_row)  # w_row: weight of the off-diagonal part
         col_stats = [c1, c2, torch.exp(v_col - d_col), d_col] if cols else []
-        blocks = Ring([b.detach().to(gd), *col_stats], group, enabled=ring)
-        for owner, (block, *stats) in blocks:
+        blocks = Ring([b.detach().to(gd), *col_stats], group, enabled=ring, part_rows=chunk)
+        for col_offset, (block, *stats) in blocks:
             gb, = blocks.take(lambda rows=block.shape[0]: [torch.zeros(rows, D, device=ag.device, dtype=st)])
-            sweep_gradients(ag, block, stats, row_stats, offset, owner * block.shape[0], s, beta, cols, chunk, ga, gb)
+            sweep_gradients(ag, block, stats, row_stats, offset, col_offset, s, beta, cols, chunk, ga, gb)
             blocks.give([gb])
         gb, = blocks.carried
         gneg = None if negs is None else torch.empty_like(negs)
@@ -254,15 +282,21 @@ class LogDenominators(torch.autograd.Function):
             Gn = row_stats[2][i0:i1, None] * softmax_weights(zn, r1[i0:i1, None], r2[i0:i1, None], beta)
             ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(gd), nf).to(st)
             gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
-        gs = (ga * ag).sum() * g
         log_alpha = math.log(alpha) if alpha > 0 else NEG_INF
-        zdf = zd.detach().to(st)
-        gzd = torch.exp(log_alpha + zdf - d_row)
+        w_pos = torch.exp(log_alpha + zdf - d_row)  # ∂(Σ d)/∂z_ii
         if cols:
-            gzd = gzd + torch.exp(log_alpha + zdf - (d_col if ring else d_col[offset:offset + n]))
-        gzd = (g * gzd).to(zd.dtype)
-        return (ga.mul_(g * s).to(a.dtype), gb.mul_(g * s).to(b.dtype), gs.reshape(scale.shape).to(scale.dtype),
-                gzd, gneg, None, None, None, None, None, None, None)
+            w_pos = w_pos + torch.exp(log_alpha + zdf - (d_col if ring else d_col[offset:offset + n]))
+        gzd = None if diagonal else (g * w_pos).to(zd_dtype)
+        if diagonal:  # ∂/∂z_ii of Σ d − m·Σ z_ii, along b_i onto a_i (then also in ∂/∂s) and along a_i onto b_i
+            coef = w_pos - (2 if cols else 1)
+            own_b, own_gb = _own_rows(b.detach(), offset, n, ring), _own_rows(gb, offset, n, ring)
+            for i0, i1 in spans(n, chunk):
+                ga[i0:i1] += coef[i0:i1, None] * own_b[i0:i1]
+                own_gb[i0:i1] += coef[i0:i1, None] * ag[i0:i1]
+        gs = row_dots(ga, ag, st, chunk).sum() * g
+        ga = in_dtype(ga, g * s, a.dtype)
+        gb = in_dtype(gb, g * s, b.dtype)
+        return ga, gb, gs.reshape(scale.shape).to(scale.dtype), gzd, gneg, None, None, None, None, None, None, None
 
 
 class SigmoidPairs(torch.autograd.Function):
@@ -284,8 +318,7 @@ class SigmoidPairs(torch.autograd.Function):
         s, t = scale.detach().to(st), bias.detach().to(st).reshape(1)  # 1-element, not 0-dim: adding promotes
         total = torch.zeros((), dtype=st, device=ag.device)
         sf = float(s)
-        for owner, (block,) in Ring([b.detach().to(gd)], group, enabled=ring):
-            col_offset = owner * block.shape[0]
+        for col_offset, (block,) in Ring([b.detach().to(gd)], group, enabled=ring, part_rows=chunk):
             for i0, i1 in spans(n, chunk):
                 for j0, j1 in spans(block.shape[0], chunk):
                     z = mm(ag[i0:i1], block[j0:j1].T).to(st, copy=True)
@@ -309,9 +342,8 @@ class SigmoidPairs(torch.autograd.Function):
         ga = torch.zeros(n, D, device=dev, dtype=st)
         gt = torch.zeros((), dtype=st, device=dev)
         sf = float(s)
-        blocks = Ring([b.detach().to(gd)], group, enabled=ring)
-        for owner, (block,) in blocks:
-            col_offset = owner * block.shape[0]
+        blocks = Ring([b.detach().to(gd)], group, enabled=ring, part_rows=chunk)
+        for col_offset, (block,) in blocks:
             gb, = blocks.take(lambda rows=block.shape[0]: [torch.zeros(rows, D, device=dev, dtype=st)])
             for i0, i1 in spans(n, chunk):
                 rows = ag[i0:i1]
@@ -323,8 +355,8 @@ class SigmoidPairs(torch.autograd.Function):
                     G = torch.sigmoid(z) if m is None else torch.where(m, -torch.sigmoid(-z), torch.sigmoid(z))
                     gt += G.sum()
                     G = G.to(gd)
-                    ga[i0:i1] += mm(G, block[j0:j1]).to(st)
-                    gb[j0:j1] += mm(G.T, rows).to(st)
+                    add_product(ga[i0:i1], G, block[j0:j1])
+                    add_product(gb[j0:j1], G.T, rows)
             blocks.give([gb])
         gb, = blocks.carried
         gneg = None if negs is None else torch.empty_like(negs)
@@ -334,9 +366,11 @@ class SigmoidPairs(torch.autograd.Function):
             gt += Gn.sum()
             ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(gd), nf).to(st)
             gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
-        gs = (ga * ag).sum() * g
-        return (ga.mul_(g * s).to(a.dtype), gb.mul_(g * s).to(b.dtype), gs.reshape(scale.shape).to(scale.dtype),
-                (gt * g).reshape(bias.shape).to(bias.dtype), gneg, None, None, None, None)
+        gs = row_dots(ga, ag, st, chunk).sum() * g
+        ga = in_dtype(ga, g * s, a.dtype)
+        gb = in_dtype(gb, g * s, b.dtype)
+        return (ga, gb, gs.reshape(scale.shape).to(scale.dtype), (gt * g).reshape(bias.shape).to(bias.dtype), gneg,
+                None, None, None, None)
 
 
 class TupleLogDenominators(torch.autograd.Function):
