@@ -1,15 +1,26 @@
-"""`mmclip eval` reads every model kind a user has, and scores each export exactly like the run it came from."""
+"""`mmclip eval` reads every model kind a user has, and scores each export exactly like the run it came from,
+and a transformers SiglipModel folder exactly like transformers does."""
+import io
 import json
+import math
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
-from test_hf_export import IMAGE, TEXT, _bert, _perturbed
+from PIL import Image
+from test_hf_export import IMAGE, TEXT, TEXTS, _bert, _perturbed, _save_pngs, _unit
 
 from pipeline.cli import main
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
+from pipeline.eval.datasets import iter_batches, open_eval_set
 from pipeline.eval.models import load_eval_model
+from pipeline.eval.zeroshot import class_embeddings
 from pipeline.models.io import save_model
+from pipeline.models.preprocess import tower_preprocessors
+
+DEMO_CAPTIONS = Path(__file__).parents[1] / "data" / "fashion_mnist" / "train.jsonl"
 
 # open_clip's default (OpenAI) mean/std, which an open_clip architecture with bare weights also uses
 IMAGE_DEFAULT_NORM = {**IMAGE, "options": {k: v for k, v in IMAGE["options"].items() if k not in ("mean", "std")}}
@@ -74,6 +85,115 @@ def test_adapters_encode_like_the_run(exports):
         with torch.no_grad():
             assert (other.encode("image", images) - run.encode("image", images)).abs().max() <= 1e-4, kind
             assert (other.encode("text", tokens) - run.encode("text", tokens)).abs().max() <= 1e-4, kind
+
+
+def _siglip_tokenizer(root):
+    """SigLIP's tokenizer class on a sentencepiece vocabulary learnt from the demo captions (no SigLIP vocabulary can
+    be downloaded here); ids laid out like SigLIP's: `</s>` (1) ends and pads every prompt."""
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    captions = [json.loads(line)["text"] for line in DEMO_CAPTIONS.read_text().splitlines()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_prefix=str(root / "spiece"), vocab_size=64,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1, minloglevel=2)
+    return SiglipTokenizer(vocab_file=str(root / "spiece.model"))  # SigLIP's 64 ids per text
+
+
+@pytest.fixture(scope="module")
+def siglip(tmp_path_factory):
+    """A tiny random SiglipModel folder as transformers saves one: weights, config, SiglipProcessor (tokenizer and
+    image processor). Weights get noise and SigLIP's initial scale and bias, so a dropped bias or a swap shows."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor
+
+    root = tmp_path_factory.mktemp("siglip")
+    tokenizer = _siglip_tokenizer(root)
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    text = {**tower, "vocab_size": len(tokenizer), "max_position_embeddings": tokenizer.model_max_length,
+            "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None}
+    torch.manual_seed(0)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config={**tower, "image_size": 32, "patch_size": 8}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-10.0)
+    model.save_pretrained(root / "model")
+    SiglipProcessor(SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer).save_pretrained(root / "model")
+    return root / "model"
+
+
+def _shard_images(dataset):
+    """The eval set's images and labels in shard order, read with tarfile alone."""
+    images, labels = [], []
+    for i in range(int((dataset / "test" / "nshards.txt").read_text())):
+        with tarfile.open(dataset / "test" / f"{i}.tar") as tar:
+            for member in tar.getmembers():
+                data = tar.extractfile(member).read()
+                if member.name.endswith(".png"):
+                    images.append(Image.open(io.BytesIO(data)))
+                elif member.name.endswith(".cls"):
+                    labels.append(int(data))
+    return images, torch.tensor(labels)
+
+
+@torch.no_grad()
+def _transformers_zeroshot(folder, images, prompts):
+    """Zero-shot SigLIP with transformers alone, as its docs score: the processor's pixels, prompts padded to
+    max_length and no attention mask (the text tower pools the last position and was trained without one).
+    -> unit image embeddings, class embeddings (templates averaged like CLIP_benchmark), scale.exp() * cos + bias,
+    and the model's own pair logits for the first template of each class on the first 20 images."""
+    from transformers import AutoProcessor, SiglipModel
+
+    model, processor = SiglipModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder, backend="pil")
+    pixels = processor(images=images, return_tensors="pt").pixel_values
+    ids = [processor(text=p, padding="max_length", return_tensors="pt").input_ids for p in prompts]
+    image = _unit(model.get_image_features(pixel_values=pixels).pooler_output)
+    text = torch.stack([_unit(_unit(model.get_text_features(input_ids=i).pooler_output).mean(0)) for i in ids])
+    pairs = model(input_ids=torch.stack([i[0] for i in ids]), pixel_values=pixels[:20]).logits_per_image
+    return image, text, model.logit_scale.exp() * image @ text.T + model.logit_bias, pairs
+
+
+def test_siglip_folder_preprocesses_like_its_processor(siglip, tmp_path):
+    """Eval's image transform and tokenizer for the folder are its processor's, also on non-square images and
+    texts that need truncating, accents or emoji."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(siglip, backend="pil")
+    ours = tower_preprocessors(load_eval_model(str(siglip)), None, train=False)
+    images = [Image.open(p) for p in _save_pngs(tmp_path, [None, None, (37, 45), (45, 37), (28, 100)])]
+    squashed = processor(images=images, return_tensors="pt").pixel_values  # resized to 32x32, never cropped
+    assert (torch.stack([ours["image"](i) for i in images]) - squashed).abs().max() <= 1e-6
+    ids = processor(text=TEXTS, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ours["text"](TEXTS), ids)  # lower-cased, punctuation dropped, `</s>`-padded to 64
+    assert ids[-1, -1] == 1 and (ids[:2, -1] == 1).all()  # truncated with its end token; padded with `</s>`
+
+
+@pytest.mark.slow
+def test_siglip_folder_scores_like_transformers(demo_shards, siglip, tmp_path):
+    """`mmclip eval` on a SiglipModel folder: the embeddings, pair logits and class ranking of transformers alone,
+    hence its acc1/acc5 (the bias shifts every class of an image alike, so rankings are the cosines')."""
+    dataset = demo_shards / "demo" / "wds" / "fashion_mnist"
+    eval_set = open_eval_set(str(dataset))
+    prompts = [[t.replace("{c}", c) for t in eval_set.templates] for c in eval_set.classnames]
+    images, labels = _shard_images(dataset)
+    image, text, logits, pairs = _transformers_zeroshot(siglip, images, prompts)
+    ours = load_eval_model(str(siglip))
+    pre = tower_preprocessors(ours, None, train=False)
+    batch = next(iter_batches(eval_set, ["image"], pre, len(images)))
+    with torch.no_grad():
+        ours_image = ours.encode("image", batch["image"])
+        classifier = class_embeddings(lambda t: ours.encode("text", t), pre["text"], eval_set.classnames,
+                                      eval_set.templates, "cpu")
+        out = ours({"image": batch["image"][:20], "text": pre["text"]([p[0] for p in prompts])})
+    assert torch.equal(batch["label"], labels)
+    assert (ours_image - image).abs().max() <= 1e-4 and (classifier - text).abs().max() <= 1e-4
+    assert (out["logit_scale"] * out["image"] @ out["text"].T + out["logit_bias"] - pairs).abs().max() <= 1e-4
+    top5 = logits.topk(5).indices
+    assert torch.equal((ours_image @ classifier.T).topk(5).indices, top5) and len(top5[:, 0].unique()) > 2
+    metrics = _eval(str(siglip), "zeroshot_classification", dataset, tmp_path / "siglip.json")
+    assert metrics["samples"] == len(labels)
+    assert metrics["acc1"] == pytest.approx((top5[:, 0] == labels).float().mean().item(), abs=1e-6)
+    assert metrics["acc5"] == pytest.approx((top5 == labels[:, None]).any(1).float().mean().item(), abs=1e-6)
 
 
 @pytest.mark.parametrize("spec, message", [

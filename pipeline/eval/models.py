@@ -40,11 +40,17 @@ class LibraryEncoder(nn.Module):
         return self.encode(self.model, x) if self.pad_id is None else self.encode(self.model, x, x != self.pad_id)
 
 
-def _wrap(model, image_encode, text_encode, image_pre, text_pre, embed_dim: int, logit_scale: float,
-          pad_id: int | None = None) -> MultiModalCLIP:
+def _wrap(model, image_encode, text_encode, image_pre, text_pre, embed_dim: int, pad_id: int | None = None) -> MultiModalCLIP:
+    """The library model's logit scale and, for sigmoid models (SigLIP), its bias come along: forward() then gives
+    the scale and bias its pair logits use (the scale clamped at 100, as for mmclip's own models)."""
     towers = {"image": Tower("external", LibraryEncoder(model, image_encode), image_pre),
               "text": Tower("external", LibraryEncoder(model, text_encode, pad_id), text_pre)}
-    return MultiModalCLIP(towers, embed_dim, logit_scale).eval()
+    bias = getattr(model, "logit_bias", None)
+    return MultiModalCLIP(towers, embed_dim, _scalar(model.logit_scale), None if bias is None else _scalar(bias)).eval()
+
+
+def _scalar(parameter: torch.Tensor) -> float:
+    return float(parameter.detach().reshape(-1)[0])
 
 
 # ----------------------------------------------------------------------------------------- open_clip
@@ -61,8 +67,7 @@ def _open_clip_model(oc, text_cfg: dict) -> MultiModalCLIP:
     text_pre = TextPreprocess(text_cfg.get("context_length", 77), text_cfg.get("hf_tokenizer_name"))
     with torch.no_grad():
         embed_dim = oc.encode_text(torch.zeros(1, text_pre.context_length, dtype=torch.long)).shape[-1]
-    return _wrap(oc, lambda m, x: m.encode_image(x), lambda m, x: m.encode_text(x), image_pre, text_pre, embed_dim,
-                 float(oc.logit_scale.detach().reshape(-1)[0]))
+    return _wrap(oc, lambda m, x: m.encode_image(x), lambda m, x: m.encode_text(x), image_pre, text_pre, embed_dim)
 
 
 def load_open_clip_dir(folder: Path) -> MultiModalCLIP:
@@ -136,8 +141,7 @@ def load_transformers_dir(folder: Path) -> MultiModalCLIP:
     pad_id = tokenizer.pad_token_id if config.model_type == "vision-text-dual-encoder" else None
     return _wrap(model, lambda m, x: m.get_image_features(pixel_values=x).pooler_output,
                  lambda m, x, mask=None: m.get_text_features(input_ids=x, attention_mask=mask).pooler_output,
-                 _hf_image_preprocess(folder), TextPreprocess(context, str(folder)), embed_dim,
-                 float(model.logit_scale.detach().reshape(-1)[0]), pad_id)
+                 _hf_image_preprocess(folder), TextPreprocess(context, str(folder)), embed_dim, pad_id)
 
 
 # --------------------------------------------------------------------------------------------- entry
