@@ -158,3 +158,31 @@ def test_every_sample_carries_its_global_index_from_shard_order_and_counts(demo_
     for key, index in seen.items():  # keys number the samples 0..2999 across shards 0..5
         number = int(key.split("_")[1])
         assert index == (number - 500 if number >= 500 else number + 1000), (key, index)
+
+
+@pytest.mark.parametrize("bufsize,max_bytes", [(50, 10**9), (1000, 2000)])
+def test_shuffle_buffer_is_bounded_by_count_and_bytes(bufsize, max_bytes):
+    """Every sample comes out once, in a new order, and the buffer never holds more than `bufsize` samples
+    or (by at most the two samples read per step) more than `max_bytes` of raw members."""
+    import random
+
+    from pipeline.data.loader import shuffled
+
+    sizes = [random.Random(i).choice([10, 100, 400]) for i in range(500)]
+    consumed = []
+
+    def source():
+        for i, size in enumerate(sizes):
+            consumed.append(i)
+            yield {"__key__": str(i), "flac": b"x" * size}
+
+    out, peak_count, peak_bytes = [], 0, 0
+    for sample in shuffled(source(), bufsize, max_bytes, random.Random(0)):
+        held = set(consumed) - {int(s["__key__"]) for s in out}
+        peak_count, peak_bytes = max(peak_count, len(held)), max(peak_bytes, sum(sizes[i] for i in held))
+        out.append(sample)
+    keys = [int(s["__key__"]) for s in out]
+    assert sorted(keys) == list(range(len(sizes))) and keys != sorted(keys)
+    assert peak_count <= bufsize and peak_bytes <= max_bytes + 2 * max(sizes)
+    if max_bytes < 10**9:
+        assert peak_count < bufsize  # the bytes bound, not the count, held this buffer

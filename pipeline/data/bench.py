@@ -27,9 +27,15 @@ from pipeline.registry import MODALITIES
 WARMUP_BATCHES = 3
 
 
-def _rate(batches, n_batches: int, batch_size: int) -> float:
+def warmup_batches(shuffle_buffer: int, workers: int, batch_size: int) -> int:
+    """Batches until every worker's shuffle buffer is full (it reads two samples per yield while filling):
+    the rate is measured in the steady state a training run spends its time in."""
+    return max(WARMUP_BATCHES, -(-shuffle_buffer * max(1, workers) // batch_size))
+
+
+def _rate(batches, n_batches: int, batch_size: int, warmup: int = WARMUP_BATCHES) -> float:
     it = iter(batches)
-    for _ in range(WARMUP_BATCHES):
+    for _ in range(warmup):
         next(it)
     t0 = time.perf_counter()
     for _ in range(n_batches):
@@ -46,9 +52,11 @@ def _ours(spec: str, modalities: list[str], setup: tuple, batch_size: int, worke
 
     towers, run_data = setup
     sections = {m: run_data.modality(m) for m in modalities}
-    data = DataConfig(train=spec, batch_size=batch_size, workers=workers, **sections)
+    data = DataConfig(train=spec, batch_size=batch_size, workers=workers, shuffle_buffer=run_data.shuffle_buffer,
+                      shuffle_buffer_mib=run_data.shuffle_buffer_mib, **sections)
     preprocess = _preprocessors(towers, data, modalities)
-    return _rate(build_loader(data, split="train", modalities=modalities, preprocess=preprocess), n_batches, batch_size)
+    return _rate(build_loader(data, split="train", modalities=modalities, preprocess=preprocess), n_batches, batch_size,
+                 warmup_batches(data.shuffle_buffer, workers, batch_size))
 
 
 def _open_clip(spec: str, setup: tuple, batch_size: int, workers: int, n_batches: int) -> float:
@@ -141,7 +149,7 @@ def markdown_table(r: dict) -> str:
     extra = "".join(f", {k.replace('_', ' ')} {r[k]}" for k in ("image_size", "mean_jpeg_kb", "audio_batch_size",
                                                                 "audio_crop") if k in r)
     lines = [f"Shards `{r['shards']}`, batch {r['batch_size']}{extra}, {r['batches']} batches after "
-             f"{WARMUP_BATCHES} warm-up, {r['cpus']} CPU cores; median of {r['repeats']} interleaved runs; per "
+             f"warm-up ({WARMUP_BATCHES} batches; mmclip's until its shuffle buffers are full), {r['cpus']} CPU cores; median of {r['repeats']} interleaved runs; per "
              f"core = samples/s ÷ {r['cpus']}. open_clip's loader reads image+text only.", "",
              "| modalities | workers | mmclip samples/s | per core | open_clip samples/s | per core | mmclip ÷ open_clip |",
              "|---|---|---|---|---|---|---|"]

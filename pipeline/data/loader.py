@@ -66,6 +66,44 @@ def count_short_shards(samples: Iterator[dict], sizes: dict[str, int], skipped: 
     close()
 
 
+def raw_bytes(sample: dict) -> int:
+    return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
+
+
+def shuffled(samples: Iterator[dict], bufsize: int, max_bytes: float, rng: random.Random,
+             initial: int = 100) -> Iterator[dict]:
+    """webdataset's shuffle (yield a random buffered sample per sample read, from `initial` on, reading two
+    per yield while the buffer fills) with the buffer bounded by the raw bytes it holds as well as by its
+    sample count: samples differ by 100x in size (a JPEG, a minute of FLAC), a count alone does not bound
+    a worker's memory."""
+    buf, held = [], 0
+
+    def full() -> bool:
+        return len(buf) >= bufsize or held >= max_bytes
+
+    def pick() -> dict:
+        nonlocal held
+        i = rng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        held -= raw_bytes(buf[-1])
+        return buf.pop()
+
+    for sample in samples:
+        buf.append(sample)
+        held += raw_bytes(sample)
+        if not full():
+            extra = next(samples, None)
+            if extra is not None:
+                buf.append(extra)
+                held += raw_bytes(extra)
+        if len(buf) >= min(initial, bufsize) or full():
+            yield pick()
+        while held > max_bytes:  # big samples replaced small ones
+            yield pick()
+    while buf:
+        yield pick()
+
+
 class NoData(Exception):
     """The shards this worker reads give no usable sample: stop the run instead of looping."""
 
@@ -169,7 +207,7 @@ class ShardStream(IterableDataset):
         samples = guard.read(urls, self.offsets)
         samples = count_short_shards(samples, self.sizes, skipped)
         if self.train and self.cfg.shuffle_buffer > 1:
-            samples = wds.shuffle(self.cfg.shuffle_buffer, initial=min(100, self.cfg.shuffle_buffer), rng=rng)(samples)
+            samples = shuffled(samples, self.cfg.shuffle_buffer, self.cfg.shuffle_buffer_mib * 2**20, rng)
         # A finished batch is held back until the next one (or the end), so skips that happen after
         # the last full batch of a finite stream are still reported with it.
         batch, pending = [], None
