@@ -1,8 +1,8 @@
 """`mmclip bench loss`: forward+backward time and peak extra memory, tiled vs reference, one run.
 
-Every (implementation, dtype, batch) cell runs in a fresh subprocess; after a warm-up call, its
-peak resident memory during the loss (the kernel's VmHWM, reset once the inputs exist; see
-`reset_peak_rss`) minus the resident memory then is the extra memory of that loss alone. Cells
+Every (implementation, dtype, batch) cell runs in a fresh subprocess; after a warm-up call, the
+peak memory allocated during the loss above what was allocated before it (the inputs and their
+gradient buffers; see `PeakMemory`) is the extra memory of that loss alone. Cells
 are interleaved over `repeats` rounds and the median is reported. References that cannot fit in
 this machine's RAM are skipped, not crashed. The GEMM FLOP limit is measured on the spot at the
 tile shape: the tiled loss does 4 GEMMs of B×B×D (forward, and recompute + two
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from symile import Symile
 from pipeline.losses import clip_loss, siglip_loss, symile_loss
-from pipeline.losses.bench import extra_mib, reset_peak_rss
+from pipeline.losses.bench import PeakMemory
 kind, impl, dtype, B, D, check = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 if int(sys.argv[7]):
     torch.set_num_threads(int(sys.argv[7]))
@@ -63,15 +63,15 @@ with amp():  # warm-up: thread pools, GEMM kernels and their caches are not the 
 warm_loss.backward()
 del warm, warm_loss
 scale.grad = bias.grad = None
-base_kib = reset_peak_rss()
-t0 = time.perf_counter()
-with amp():
-    loss = loss_of(feats, scale, bias)
-for f, g in zip(feats, grads):
-    f.grad = g
-loss.backward()
-out = {"seconds": time.perf_counter() - t0,
-       "extra_mib": extra_mib(base_kib), "loss": loss.item()}
+with PeakMemory() as memory:
+    t0 = time.perf_counter()
+    with amp():
+        loss = loss_of(feats, scale, bias)
+    for f, g in zip(feats, grads):
+        f.grad = g
+    loss.backward()
+    seconds = time.perf_counter() - t0
+out = {"seconds": seconds, "extra_mib": memory.extra_mib, "loss": loss.item()}
 if check:
     exact, scale64, bias64 = leaves([f.detach() for f in feats], torch.float64)
     ref = loss_of(exact, scale64, bias64)
@@ -83,27 +83,66 @@ if check:
 print(json.dumps(out))
 """
 
-def _status_kib(key: str) -> int:
+class PeakMemory:
+    """Peak memory the block allocates, in MiB above what was allocated when it began (`extra_mib`).
+
+    Measured as bytes handed out by malloc (glibc's mallinfo2: heap in use + mmapped blocks), sampled
+    every `interval` s by a thread: the resident size would also count what the allocator keeps after a
+    free, which varies by 10-30 MiB from run to run. Where mallinfo2 is missing (not glibc ≥ 2.33) it
+    falls back to the kernel's peak resident size (VmHWM, reset at the start).
+    """
+
+    def __init__(self, interval: float = 2e-4):
+        import ctypes
+
+        self.interval, self.peak, self._stop = interval, 0, None
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+
+            class MallInfo2(ctypes.Structure):
+                _fields_ = [(name, ctypes.c_size_t) for name in (
+                    "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                    "keepcost")]
+
+            libc.mallinfo2.restype = MallInfo2
+            self._in_use = lambda: (lambda m: m.uordblks + m.hblkhd)(libc.mallinfo2())
+        except (OSError, AttributeError):
+            self._in_use = None
+
+    def __enter__(self):
+        import threading
+
+        if self._in_use is None:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _status_bytes("VmRSS")
+            return self
+        self.base = self.peak = self._in_use()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._in_use())
+
+    def __exit__(self, *exc):
+        if self._stop is None:
+            self.peak = _status_bytes("VmHWM")
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._in_use())
+
+    @property
+    def extra_mib(self) -> float:
+        return max(self.peak - self.base, 0) / 2**20
+
+
+def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
-        return int(f.read().split(key + ":")[1].split()[0])
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak resident size (VmHWM) to the current one and return that (KiB).
-
-    ru_maxrss never goes down, so a peak during start-up (imports, a warm-up call, gloo's set-up)
-    above the loss's own would be reported as the loss's; after the reset only what follows counts."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux, or no permission: the lifetime peak, an upper bound
-        pass
-    return _status_kib("VmRSS")
-
-
-def extra_mib(base_kib: int) -> float:
-    """Peak resident MiB above `base_kib` (from `reset_peak_rss`) since that reset."""
-    return max((_status_kib("VmHWM") - base_kib) / 1024, 0.0)
+        return int(f.read().split(key + ":")[1].split()[0]) * 1024
 
 
 REFERENCE = {"clip": "open_clip ClipLoss", "siglip": "open_clip SigLipLoss", "symile": "symile.Symile('n')"}

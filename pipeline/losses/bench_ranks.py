@@ -1,7 +1,7 @@
 """`mmclip bench loss --ranks W`: all-gather vs ring over W gloo processes on this machine.
 
 Each rank holds B/W rows; a cell starts W fresh processes (torch threads: CPU cores ÷ W, at least
-one), each measuring, after a warm-up call, its peak resident memory (VmHWM after a reset, see
+one), each measuring, after a warm-up call, its peak allocated memory (`PeakMemory` of
 pipeline.losses.bench) above its inputs and their gradient buffers, and its forward+backward time
 between two barriers. The report takes the largest rank of each cell and the median of `repeats`
 interleaved rounds.
@@ -20,7 +20,7 @@ PROBE = r"""
 import json, os, sys, time, torch, torch.distributed as dist
 import torch.nn.functional as F
 from pipeline.losses import clip_loss, siglip_loss, symile_loss
-from pipeline.losses.bench import extra_mib, reset_peak_rss
+from pipeline.losses.bench import PeakMemory
 kind, mode, dtype, B, D, rank, world, port = sys.argv[1:4] + [int(x) for x in sys.argv[4:9]]
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -40,13 +40,13 @@ def run(feats):
                                           **kw)}[kind]()
 run([f[:1024].detach().requires_grad_() for f in feats]).backward()  # warm-up: gloo, GEMM kernels, tile buffers
 dist.barrier()
-base_kib = reset_peak_rss()
-t0 = time.perf_counter()
-loss = run(feats)
-loss.backward()
-dist.barrier()
-print(json.dumps({"seconds": time.perf_counter() - t0, "loss": loss.item(),
-                  "extra_mib": extra_mib(base_kib)}))
+with PeakMemory() as memory:
+    t0 = time.perf_counter()
+    loss = run(feats)
+    loss.backward()
+    dist.barrier()
+    seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "loss": loss.item(), "extra_mib": memory.extra_mib}))
 dist.destroy_process_group()
 """
 

@@ -84,9 +84,16 @@ def row_dots(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, chunk: int) -
     return torch.cat([(x[i0:i1].to(dtype) * y[i0:i1].to(dtype)).sum(-1) for i0, i1 in spans(x.shape[0], chunk)])
 
 
-def in_dtype(acc: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """acc·factor in `dtype`; the caller rebinds its name, so a converted accumulator is freed at once."""
-    return acc.mul_(factor).to(dtype)
+def in_dtype(acc: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """acc·factor in a narrower `dtype`, written over acc's own storage a row chunk at a time: the
+    gradient needs no second [n, D] buffer. Row chunk k's bytes land at or below rows already read."""
+    acc.mul_(factor)
+    if dtype.itemsize >= acc.dtype.itemsize:
+        return acc.to(dtype)
+    out = acc.view(-1).view(dtype)[: acc.numel()].view(acc.shape)
+    for i0, i1 in spans(acc.shape[0], chunk):
+        out[i0:i1] = acc[i0:i1].to(dtype)  # the chunk is converted whole before it is written
+    return out
 
 
 def diagonal_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | None:
@@ -161,31 +168,41 @@ def sweep_gradients(ag, block, col_stats, row_stats, row_offset, col_offset, s, 
 
     row_stats = (r1, r2, w_row, d_row) of the local rows, col_stats the same four for the block.
     """
-    r1, r2, w_row, d_row = row_stats
-    c1, c2, w_col, d_col = col_stats if cols else (None,) * 4
-    st, gd, dev = ga.dtype, ag.dtype, ag.device
-    sf = float(s)
     for i0, i1 in spans(ag.shape[0], chunk):
         rows = ag[i0:i1]
         for j0, j1 in spans(block.shape[0], chunk):
-            dots = mm(rows, block[j0:j1].T)
-            if beta:
-                zf = s * dots.to(st)
-                G = w_row[i0:i1, None] * softmax_weights(zf, r1[i0:i1, None], r2[i0:i1, None], beta)
-                if cols:
-                    G += w_col[None, j0:j1] * softmax_weights(zf, c1[None, j0:j1], c2[None, j0:j1], beta)
-            else:  # v = LSE when β = 0, so w·exp(z − LSE) = exp(z − d): one exp per direction
-                G = dots.to(st)  # a fresh product: in fp32 it is overwritten in place, no copy
-                by_col = torch.add(-d_col[None, j0:j1], G, alpha=sf).exp_() if cols else None
-                torch.add(-d_row[i0:i1, None], G, alpha=sf, out=G).exp_()
-                if cols:
-                    G += by_col
-            m = diagonal_mask(i0 + row_offset, i1 + row_offset, j0 + col_offset, j1 + col_offset, dev)
+            G = gradient_tile(rows, block[j0:j1], (i0, i1), (j0, j1), row_stats, col_stats if cols else None, s,
+                              beta, ga.dtype)
+            m = diagonal_mask(i0 + row_offset, i1 + row_offset, j0 + col_offset, j1 + col_offset, ag.device)
             if m is not None:
                 G.masked_fill_(m, 0.0)
-            G = G.to(gd)
             add_product(ga[i0:i1], G, block[j0:j1])
             add_product(gb[j0:j1], G.T, rows)
+            del G  # before the next tile's product exists: one tile's buffers at a time
+
+
+def gradient_tile(a, b, rows, cols, row_stats, col_stats, s, beta, st):
+    """G = ∂loss/∂z for the tile a·bᵀ, in the GEMM dtype (a's); its fp32 buffers die with this call."""
+    (i0, i1), (j0, j1) = rows, cols
+    r1, r2, w_row, d_row = row_stats
+    gd, dots = a.dtype, mm(a, b.T)
+    if beta:
+        zf = s * dots.to(st)
+        G = w_row[i0:i1, None] * softmax_weights(zf, r1[i0:i1, None], r2[i0:i1, None], beta)
+        if col_stats is not None:
+            c1, c2, w_col, _ = col_stats
+            G += w_col[None, j0:j1] * softmax_weights(zf, c1[None, j0:j1], c2[None, j0:j1], beta)
+        return G.to(gd)
+    # v = LSE when β = 0, so w·exp(z − LSE) = exp(z − d): one exp per direction
+    sf = float(s)
+    G = dots.to(st)  # in fp32 (and CUDA's fp32-output GEMMs) the fresh product itself, overwritten in place
+    del dots
+    by_col = torch.add(-col_stats[3][None, j0:j1], G, alpha=sf).exp_() if col_stats is not None else None
+    torch.add(-d_row[i0:i1, None], G, alpha=sf, out=G).exp_()
+    if by_col is not None:
+        G += by_col
+        del by_col
+    return G.to(gd)
 
 
 def _own_rows(x: torch.Tensor, offset: int, n: int, ring: bool) -> torch.Tensor:
@@ -294,8 +311,8 @@ class LogDenominators(torch.autograd.Function):
                 ga[i0:i1] += coef[i0:i1, None] * own_b[i0:i1]
                 own_gb[i0:i1] += coef[i0:i1, None] * ag[i0:i1]
         gs = row_dots(ga, ag, st, chunk).sum() * g
-        ga = in_dtype(ga, g * s, a.dtype)
-        gb = in_dtype(gb, g * s, b.dtype)
+        ga = in_dtype(ga, g * s, a.dtype, chunk)
+        gb = in_dtype(gb, g * s, b.dtype, chunk)
         return ga, gb, gs.reshape(scale.shape).to(scale.dtype), gzd, gneg, None, None, None, None, None, None, None
 
 
@@ -367,8 +384,8 @@ class SigmoidPairs(torch.autograd.Function):
             ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(gd), nf).to(st)
             gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
         gs = row_dots(ga, ag, st, chunk).sum() * g
-        ga = in_dtype(ga, g * s, a.dtype)
-        gb = in_dtype(gb, g * s, b.dtype)
+        ga = in_dtype(ga, g * s, a.dtype, chunk)
+        gb = in_dtype(gb, g * s, b.dtype, chunk)
         return (ga, gb, gs.reshape(scale.shape).to(scale.dtype), (gt * g).reshape(bias.shape).to(bias.dtype), gneg,
                 None, None, None, None)
 
