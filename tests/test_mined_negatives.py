@@ -99,14 +99,14 @@ def test_start_step_and_reproducible_draws():
         MinedNegatives(top_k=K, mixed=0, mix_with_anchor=0)
 
 
-def worker(rank, world, port, out_dir):
+def worker(rank, world, port, out_dir, ring):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = slice(rank * N // world, (rank + 1) * N // world)
     a, b = (f[rows] for f in features(3))
-    _, top = top_k_negatives(a, features(3)[1], K, chunk_size=5, group=dist.group.WORLD)
-    negs = MinedNegatives(top_k=K, mixed=S, mix_with_anchor=S2, chunk_size=5, group=dist.group.WORLD)(
-        a, b, step=4, generator=torch.Generator().manual_seed(4))
+    _, top = top_k_negatives(a, b if ring else features(3)[1], K, chunk_size=5, group=dist.group.WORLD, ring=ring)
+    negs = MinedNegatives(top_k=K, mixed=S, mix_with_anchor=S2, chunk_size=5, group=dist.group.WORLD,
+                          distributed="ring" if ring else "gather")(a, b, step=4, generator=torch.Generator().manual_seed(4))
     x = leaves(a, b)
     out = {}
     for kind, loss in mined_losses(*x, negs, dist.group.WORLD).items():
@@ -117,9 +117,9 @@ def worker(rank, world, port, out_dir):
 
 
 @pytest.mark.slow
-def test_two_ranks_mine_the_global_batch(tmp_path):
-    world = 2
-    mp.spawn(worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
+@pytest.mark.parametrize("world,ring", [(2, False), (3, True)])  # the losses ring too from 3 ranks on ("auto")
+def test_ranks_mine_the_global_batch(world, ring, tmp_path):
+    mp.spawn(worker, args=(world, free_port(), str(tmp_path), ring), nprocs=world)
     a, b = features(3)
     top, negs = naive_negatives(a, b, draws(4))
     y = leaves(a, b)

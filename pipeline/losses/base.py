@@ -78,7 +78,8 @@ class PairwiseLoss(ContrastiveLoss):
         if options is not None:
             from pipeline.losses.mined import MinedNegatives
 
-            self.miner = MinedNegatives(**options.model_dump(), chunk_size=cfg.chunk_size, group=group)
+            self.miner = MinedNegatives(**options.model_dump(), chunk_size=cfg.chunk_size, group=group,
+                                        distributed=cfg.distributed)
 
     def pair_loss(self, a: torch.Tensor, b: torch.Tensor, negatives, features: Features) -> torch.Tensor:
         raise NotImplementedError

@@ -202,5 +202,25 @@ def _exchange(x, send_rows, recv_rows, group):
     return out
 
 
+@torch.no_grad()
+def fetch_rows(x: torch.Tensor, indices: torch.Tensor, group) -> torch.Tensor:
+    """Rows `indices` (global, any shape, repeats allowed) of the row-sharded global x, each fetched from its
+    owner: two all-to-alls, the indices out and the rows back; O(indices·D) per rank."""
+    _, world = rank_and_world(group)
+    n, flat = x.shape[0], indices.flatten()
+    order = torch.argsort(flat // n, stable=True)  # requests grouped by owner rank
+    wanted = flat[order]
+    send = torch.bincount(wanted // n, minlength=world)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    asked = torch.empty(int(recv.sum()), dtype=wanted.dtype, device=wanted.device)
+    dist.all_to_all_single(asked, wanted % n, recv.tolist(), send.tolist(), group=group)
+    got = x.new_empty((len(flat),) + x.shape[1:])
+    dist.all_to_all_single(got, x[asked].contiguous(), send.tolist(), recv.tolist(), group=group)
+    out = torch.empty_like(got)
+    out[order] = got
+    return out.view(indices.shape + x.shape[1:])
+
+
 def permuted_rows(x: torch.Tensor, perm: torch.Tensor, group) -> torch.Tensor:
     return _PermutedRows.apply(x, perm, group)

@@ -6,6 +6,10 @@ GEMM, a quarter of the loss's four). From those, s synthetic negatives per ancho
 mixtures of two of them, and s2 more mix the anchor itself with one of them (MoCHi's harder
 ones, anchor weight < ½), normalised and detached. They are then passed as
 `hard_negatives=[n, s+s2, D]` to `clip_loss` / `siglip_loss`, exactly like explicit ones.
+
+Distributed, the columns are all-gathered, or with the ring (`distributed: ring`, as in the loss)
+they pass by in blocks during the top-k sweep and only the chosen rows are fetched from their
+owners afterwards (`fetch_rows`): no rank holds the global batch's features.
 """
 from __future__ import annotations
 
@@ -15,32 +19,36 @@ import torch
 from pydantic import Field
 
 from pipeline.config import Section
-from pipeline.losses.distributed import gather_rows, rank_and_world
+from pipeline.losses.distributed import Ring, fetch_rows, gather_rows, rank_and_world, use_ring
 from pipeline.losses.tiled import NEG_INF, default_chunk, diagonal_mask, spans, stat_dtype
 
 
 @torch.no_grad()
-def top_k_negatives(a: torch.Tensor, b_all: torch.Tensor, k: int, *, chunk_size: int | None = None,
-                    group=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(similarities, global column indices) [n, k] of each local row's k most similar columns but its own."""
-    rank, _ = rank_and_world(group)
-    n, N = a.shape[0], b_all.shape[0]
+def top_k_negatives(a: torch.Tensor, b: torch.Tensor, k: int, *, chunk_size: int | None = None,
+                    group=None, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(similarities, global column indices) [n, k] of each local row's k most similar columns but its own.
+
+    `b`: all N columns (gathered), or with `ring` this rank's, the others passing by around the ring."""
+    rank, world = rank_and_world(group)
+    n = a.shape[0]
+    N = n * world if ring else b.shape[0]
     if not 0 < k < N:
         raise ValueError(f"top_k must be in [1, {N - 1}] for a global batch of {N}, got {k}")
     chunk = chunk_size or default_chunk(a.device)
     acc = stat_dtype(a)
-    af, bf = a.to(acc), b_all.to(acc)
+    af = a.to(acc)
     values = torch.full((n, k), NEG_INF, dtype=acc, device=af.device)
     indices = torch.zeros((n, k), dtype=torch.long, device=af.device)
-    for i0, i1 in spans(n, chunk):
-        for j0, j1 in spans(N, chunk):
-            z = af[i0:i1] @ bf[j0:j1].T
-            mask = diagonal_mask(i0 + rank * n, i1 + rank * n, j0, j1, af.device)
-            if mask is not None:
-                z = z.masked_fill(mask, NEG_INF)
-            cols = torch.arange(j0, j1, device=af.device).expand(i1 - i0, -1)
-            values[i0:i1], pick = torch.topk(torch.cat([values[i0:i1], z], 1), k, dim=1)
-            indices[i0:i1] = torch.gather(torch.cat([indices[i0:i1], cols], 1), 1, pick)
+    for col_offset, (block,) in Ring([b.to(acc)], group, enabled=ring, part_rows=chunk):
+        for i0, i1 in spans(n, chunk):
+            for j0, j1 in spans(block.shape[0], chunk):
+                z = af[i0:i1] @ block[j0:j1].T
+                mask = diagonal_mask(i0 + rank * n, i1 + rank * n, j0 + col_offset, j1 + col_offset, af.device)
+                if mask is not None:
+                    z = z.masked_fill(mask, NEG_INF)
+                cols = torch.arange(j0 + col_offset, j1 + col_offset, device=af.device).expand(i1 - i0, -1)
+                values[i0:i1], pick = torch.topk(torch.cat([values[i0:i1], z], 1), k, dim=1)
+                indices[i0:i1] = torch.gather(torch.cat([indices[i0:i1], cols], 1), 1, pick)
     return values, indices
 
 
@@ -65,22 +73,23 @@ class MixingDraws:
 
 
 @torch.no_grad()
-def mix_negatives(anchors: torch.Tensor, b_all: torch.Tensor, top: torch.Tensor, draws: MixingDraws) -> torch.Tensor:
-    """[n, s+s2, D] unit vectors α·h_p + (1−α)·h_q and β·anchor + (1−β)·h_r, h = rows of `b_all` in `top`.
+def mix_negatives(anchors: torch.Tensor, rows_of, top: torch.Tensor, draws: MixingDraws) -> torch.Tensor:
+    """[n, s+s2, D] unit vectors α·h_p + (1−α)·h_q and β·anchor + (1−β)·h_r, h = the columns in `top`
+    (`rows_of(global indices)` gives them).
 
-    Only the chosen rows are gathered (never the [n, k, D] block of all top-k candidates) and
-    mixed in place in the output, so the peak is the output plus one gathered block.
+    Only the chosen rows are fetched (never the [n, k, D] block of all top-k candidates) and
+    mixed in place in the output, so the peak is the output plus one fetched block.
     """
-    acc = stat_dtype(b_all)
+    acc = stat_dtype(anchors)
     s = draws.alpha.shape[1]
-    out = torch.empty((top.shape[0], s + draws.beta.shape[1], b_all.shape[1]), dtype=acc, device=b_all.device)
+    out = torch.empty((top.shape[0], s + draws.beta.shape[1], anchors.shape[1]), dtype=acc, device=anchors.device)
 
     def pick(positions):
-        return b_all[torch.gather(top, 1, positions.to(top.device))]
+        return rows_of(torch.gather(top, 1, positions.to(top.device))).to(acc)
 
-    alpha, beta = (w.to(b_all.device, acc)[..., None] for w in (draws.alpha, draws.beta))
+    alpha, beta = (w.to(anchors.device, acc)[..., None] for w in (draws.alpha, draws.beta))
     out[:, :s] = pick(draws.pairs[..., 1])
-    out[:, :s].lerp_(pick(draws.pairs[..., 0]).to(acc), alpha)  # α·h_p + (1−α)·h_q
+    out[:, :s].lerp_(pick(draws.pairs[..., 0]), alpha)  # α·h_p + (1−α)·h_q
     out[:, s:] = pick(draws.partner)
     out[:, s:].lerp_(anchors[:, None, :].to(acc).expand_as(out[:, s:]), beta)
     return out.div_(out.norm(dim=-1, keepdim=True).clamp_min_(1e-12))
@@ -95,21 +104,23 @@ class MinedNegatives:
     """
 
     def __init__(self, top_k: int = 16, mixed: int = 8, mix_with_anchor: int = 0, start_step: int = 0,
-                 chunk_size: int | None = None, group=None):
+                 chunk_size: int | None = None, group=None, distributed: str = "auto"):
         if top_k < 1 or mixed < 0 or mix_with_anchor < 0 or mixed + mix_with_anchor == 0:
             raise ValueError("mined negatives need top_k >= 1 and mixed + mix_with_anchor >= 1")
         self.top_k, self.mixed, self.with_anchor, self.start_step = top_k, mixed, mix_with_anchor, start_step
-        self.chunk_size, self.group = chunk_size, group
+        self.chunk_size, self.group, self.ring = chunk_size, group, use_ring(distributed, group)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor | None:
         if step < self.start_step:
             return None
-        rank, _ = rank_and_world(self.group)
-        b_all = gather_rows(b.detach(), self.group)
-        _, top = top_k_negatives(a.detach(), b_all, self.top_k, chunk_size=self.chunk_size, group=self.group)
-        draws = MixingDraws.draw(generator, b_all.shape[0], self.top_k, self.mixed, self.with_anchor)
-        n = a.shape[0]
-        return mix_negatives(a.detach(), b_all, top, draws.rows(rank * n, rank * n + n)).to(b.dtype)
+        rank, world = rank_and_world(self.group)
+        n, b = a.shape[0], b.detach()
+        columns = b if self.ring else gather_rows(b, self.group)
+        _, top = top_k_negatives(a.detach(), columns, self.top_k, chunk_size=self.chunk_size, group=self.group,
+                                 ring=self.ring)
+        rows_of = (lambda idx: fetch_rows(b, idx, self.group)) if self.ring else columns.__getitem__
+        draws = MixingDraws.draw(generator, n * world, self.top_k, self.mixed, self.with_anchor)
+        return mix_negatives(a.detach(), rows_of, top, draws.rows(rank * n, rank * n + n)).to(b.dtype)
 
 
 class MinedNegativesConfig(Section):
