@@ -106,11 +106,11 @@ def batches():
     return [(unit(N, D, seed=10 + t), unit(N, D, seed=20 + t), perm[t * 8: t * 8 + N]) for t in range(2)]
 
 
-def run_steps(individual: bool, rows: slice, group) -> dict:
+def run_steps(individual: bool, rows: slice, group, distributed: str = "gather") -> dict:
     """Two steps of GlobalClipLoss on this rank's rows; the first step is committed, the second both
     computed and committed; also an uncommitted third call, which must leave the tables alone."""
     gcl = GlobalClipLoss(M, gamma=GAMMA, rho=RHO, temperature="individual" if individual else "global",
-                         tau_init=0.1, chunk_size=5, group=group, dtype=torch.float64)
+                         tau_init=0.1, chunk_size=5, group=group, distributed=distributed, dtype=torch.float64)
     scale = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
     out = {}
     for step, (a, b, idx) in enumerate(batches()):
@@ -180,11 +180,11 @@ def test_state_single_process_equals_naive(individual, tmp_path):
         reloaded(tmp_path, not individual)
 
 
-def worker(rank, world, port, individual, out_dir):
+def worker(rank, world, port, individual, out_dir, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = slice(rank * N // world, (rank + 1) * N // world)
-    out, gcl = run_steps(individual, rows, dist.group.WORLD)
+    out, gcl = run_steps(individual, rows, dist.group.WORLD, mode)
     gcl.save(os.path.join(out_dir, "world2"))
     resharded = reloaded(os.path.join(out_dir, "world1"), individual, dist.group.WORLD)
     out["resharded"] = {"u": resharded.log_u.values, "indices": resharded.log_u.shard_indices()}
@@ -193,14 +193,15 @@ def worker(rank, world, port, individual, out_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["gather", "ring"])
 @pytest.mark.parametrize("individual", [False, True])
-def test_two_ranks_equal_one_and_state_reshards(individual, tmp_path):
+def test_two_ranks_equal_one_and_state_reshards(individual, mode, tmp_path):
     world = 2
     _, single = run_steps(individual, slice(None), None)
     for sub in ("world1", "world2"):
         (tmp_path / sub).mkdir()
     single.save(tmp_path / "world1")
-    mp.spawn(worker, args=(world, free_port(), individual, str(tmp_path)), nprocs=world)
+    mp.spawn(worker, args=(world, free_port(), individual, str(tmp_path), mode), nprocs=world)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
     want = naive_steps(individual)
     for r, got in enumerate(ranks):

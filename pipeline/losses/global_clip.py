@@ -22,7 +22,7 @@ from pipeline.batch import Features, modalities_of
 from pipeline.config import LossSection
 from pipeline.errors import UserError
 from pipeline.losses.base import ContrastiveLoss
-from pipeline.losses.distributed import gather_rows, gather_with_grad, rank_and_world, sum_ranks
+from pipeline.losses.distributed import Ring, gather_rows, gather_with_grad, rank_and_world, sum_ranks, use_ring
 from pipeline.losses.sample_table import SampleTable
 from pipeline.losses.tiled import NEG_INF, default_chunk, diagonal_mask, spans, stat_dtype
 from pipeline.registry import LOSSES
@@ -31,63 +31,73 @@ from pipeline.registry import LOSSES
 class AnchorLogSumExp(torch.autograd.Function):
     """Per-anchor log Σ_{j≠i} exp(scale_anchor · a_i·b_j) over the global batch, rows and columns.
 
-    Inputs: local rows `a` [n, D], all columns `b` [N, D], the rows' scales [n] and all columns'
-    scales [N]. Returns this rank's row LSEs [n] and the LSEs of its own columns [n]
-    (rank·n … rank·n+n−1). Backward takes per-anchor weights for both and recomputes every tile.
+    Inputs: local rows `a` [n, D] and their scales [n]; columns `b` and their scales: all N of
+    them (gathered by the caller), or with `ring` this rank's n, the others passing by around the
+    ring with their column statistics and gradient accumulators (as in tiled.LogDenominators).
+    Returns this rank's row LSEs [n] and the LSEs of its own columns [n] (rank·n … rank·n+n−1).
+    Backward takes per-anchor weights for both and recomputes every tile.
     """
 
     @staticmethod
-    def forward(ctx, a, b, row_scale, col_scale, chunk, group):
+    def forward(ctx, a, b, row_scale, col_scale, chunk, group, ring):
         rank, _ = rank_and_world(group)
-        n, N = a.shape[0], b.shape[0]
+        n = a.shape[0]
         offset = rank * n
         acc = stat_dtype(a)
-        af, bf = a.detach().to(acc), b.detach().to(acc)
-        rs, cs = row_scale.detach().to(acc)[:, None], col_scale.detach().to(acc)[None, :]
+        af, rs = a.detach().to(acc), row_scale.detach().to(acc)[:, None]
         rows = torch.full((n,), NEG_INF, dtype=acc, device=af.device)
-        cols = torch.full((N,), NEG_INF, dtype=acc, device=af.device)
-        for i0, i1, j0, j1, z, mask in _tiles(af, bf, chunk, offset):
-            zr, zc = rs[i0:i1] * z, cs[:, j0:j1] * z
-            if mask is not None:
-                zr, zc = zr.masked_fill(mask, NEG_INF), zc.masked_fill(mask, NEG_INF)
-            rows[i0:i1] = torch.logaddexp(rows[i0:i1], torch.logsumexp(zr, 1))
-            cols[j0:j1] = torch.logaddexp(cols[j0:j1], torch.logsumexp(zc, 0))
-        if group is not None:
+        blocks = Ring([b.detach().to(acc), col_scale.detach().to(acc)], group, enabled=ring, part_rows=chunk)
+        for col_offset, (block, cs) in blocks:
+            cols, = blocks.take(lambda m=block.shape[0]: [torch.full((m,), NEG_INF, dtype=acc, device=af.device)])
+            for i0, i1, j0, j1, z, mask in _tiles(af, block, chunk, offset, col_offset):
+                zr, zc = rs[i0:i1] * z, cs[None, j0:j1] * z
+                if mask is not None:
+                    zr, zc = zr.masked_fill(mask, NEG_INF), zc.masked_fill(mask, NEG_INF)
+                rows[i0:i1] = torch.logaddexp(rows[i0:i1], torch.logsumexp(zr, 1))
+                cols[j0:j1] = torch.logaddexp(cols[j0:j1], torch.logsumexp(zc, 0))
+            blocks.give([cols])
+        cols, = blocks.carried  # ring: this rank's columns; gather: all N, combined over ranks here
+        if group is not None and not ring:
             cols = torch.logsumexp(gather_rows(cols[None], group), 0)
         ctx.save_for_backward(a, b, row_scale, col_scale, rows, cols)
-        ctx.cfg = (chunk, group, offset)
-        return rows, cols[offset:offset + n].clone()
+        ctx.cfg = (chunk, group, offset, ring)
+        return rows, (cols if ring else cols[offset:offset + n]).clone()
 
     @staticmethod
     def backward(ctx, g_rows, g_cols):
         a, b, row_scale, col_scale, rows, cols = ctx.saved_tensors
-        chunk, group, offset = ctx.cfg
+        chunk, group, offset, ring = ctx.cfg
         acc = stat_dtype(a)
-        af, bf = a.detach().to(acc), b.detach().to(acc)
-        rs, cs = row_scale.detach().to(acc)[:, None], col_scale.detach().to(acc)[None, :]
+        af, rs = a.detach().to(acc), row_scale.detach().to(acc)[:, None]
         w_rows = g_rows.to(acc)[:, None]
-        w_cols = gather_rows(g_cols.to(acc).contiguous(), group)[None, :]
-        ga, gb = torch.zeros_like(af), torch.zeros_like(bf)
-        g_rs, g_cs = torch.zeros_like(rs), torch.zeros_like(cs)
-        for i0, i1, j0, j1, z, mask in _tiles(af, bf, chunk, offset):
-            pr = w_rows[i0:i1] * torch.exp(rs[i0:i1] * z - rows[i0:i1, None])
-            pc = w_cols[:, j0:j1] * torch.exp(cs[:, j0:j1] * z - cols[None, j0:j1])
-            if mask is not None:
-                pr, pc = pr.masked_fill(mask, 0.0), pc.masked_fill(mask, 0.0)
-            g_rs[i0:i1] += (pr * z).sum(1, keepdim=True)
-            g_cs[:, j0:j1] += (pc * z).sum(0, keepdim=True)
-            dz = pr * rs[i0:i1] + pc * cs[:, j0:j1]
-            ga[i0:i1] += dz @ bf[j0:j1]
-            gb[j0:j1] += dz.T @ af[i0:i1]
-        return (ga.to(a.dtype), gb.to(b.dtype), g_rs[:, 0].to(row_scale.dtype), g_cs[0].to(col_scale.dtype),
-                None, None)
+        w_cols = g_cols.to(acc).contiguous() if ring else gather_rows(g_cols.to(acc).contiguous(), group)
+        ga, g_rs = torch.zeros_like(af), torch.zeros_like(rs)
+        blocks = Ring([b.detach().to(acc), col_scale.detach().to(acc), cols, w_cols], group, enabled=ring,
+                      part_rows=chunk)
+        for col_offset, (block, cs, lse, w) in blocks:
+            gb, g_cs = blocks.take(lambda x=block: [torch.zeros_like(x), x.new_zeros(x.shape[0])])
+            for i0, i1, j0, j1, z, mask in _tiles(af, block, chunk, offset, col_offset):
+                pr = w_rows[i0:i1] * torch.exp(rs[i0:i1] * z - rows[i0:i1, None])
+                pc = w[None, j0:j1] * torch.exp(cs[None, j0:j1] * z - lse[None, j0:j1])
+                if mask is not None:
+                    pr, pc = pr.masked_fill(mask, 0.0), pc.masked_fill(mask, 0.0)
+                g_rs[i0:i1] += (pr * z).sum(1, keepdim=True)
+                g_cs[j0:j1] += (pc * z).sum(0)
+                dz = pr * rs[i0:i1] + pc * cs[None, j0:j1]
+                ga[i0:i1] += dz @ block[j0:j1]
+                gb[j0:j1] += dz.T @ af[i0:i1]
+            blocks.give([gb, g_cs])
+        gb, g_cs = blocks.carried
+        return (ga.to(a.dtype), gb.to(b.dtype), g_rs[:, 0].to(row_scale.dtype), g_cs.to(col_scale.dtype),
+                None, None, None)
 
 
-def _tiles(af, bf, chunk, offset):
-    """Yield (i0, i1, j0, j1, cosine tile, positive mask or None) over local rows × all columns."""
+def _tiles(af, bf, chunk, offset, col_offset):
+    """Yield (i0, i1, j0, j1, cosine tile, positive mask or None) over local rows × one column block."""
     for i0, i1 in spans(af.shape[0], chunk):
         for j0, j1 in spans(bf.shape[0], chunk):
-            yield i0, i1, j0, j1, af[i0:i1] @ bf[j0:j1].T, diagonal_mask(i0 + offset, i1 + offset, j0, j1, af.device)
+            yield (i0, i1, j0, j1, af[i0:i1] @ bf[j0:j1].T,
+                   diagonal_mask(i0 + offset, i1 + offset, j0 + col_offset, j1 + col_offset, af.device))
 
 
 def moving_average(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -117,23 +127,29 @@ class GlobalClipOutput:
 
 def global_clip_loss(a: torch.Tensor, b: torch.Tensor, image_scale: torch.Tensor, text_scale: torch.Tensor,
                      log_u_image: torch.Tensor, log_u_text: torch.Tensor, *, gamma: float, rho: float,
-                     chunk_size: int | None = None, group=None) -> GlobalClipOutput:
+                     chunk_size: int | None = None, group=None, distributed: str = "auto") -> GlobalClipOutput:
     """½·mean over the global batch of τ_i·(log g_i + ρ) for image anchors (a→b) and text anchors (b→a).
 
     `image_scale` / `text_scale` are 1/τ: a scalar (the model's logit scale) or one per local
     row [n] (per-sample temperatures). `log_u_*` [n] are the anchors' stored log u (NaN: never
     seen). The new log u are returned, not stored, so a step whose loss is not finite can skip
     them. With `group`, each rank passes its rows; every rank gets the global loss and its share
-    of the gradient. Features of any float dtype; statistics in fp32 (fp64 stays fp64).
+    of the gradient; `distributed` as in clip_loss (gathered columns, or the ring).
+    Features of any float dtype; statistics in fp32 (fp64 stays fp64).
     """
     n = a.shape[0]
     acc = stat_dtype(a)
-    b_all = gather_with_grad(b, group)
-    N = b_all.shape[0]
+    ring = use_ring(distributed, group)
+    N = n * rank_and_world(group)[1]
     s_img = image_scale.to(acc).expand(n)
     s_txt = text_scale.to(acc).expand(n)
-    s_txt_all = gather_with_grad(s_txt, group) if text_scale.dim() else text_scale.to(acc).expand(N)
-    row_lse, col_lse = AnchorLogSumExp.apply(a, b_all, s_img, s_txt_all, chunk_size or default_chunk(a.device), group)
+    if ring:
+        columns, column_scales = b, s_txt
+    else:
+        columns = gather_with_grad(b, group)
+        column_scales = gather_with_grad(s_txt, group) if text_scale.dim() else text_scale.to(acc).expand(N)
+    row_lse, col_lse = AnchorLogSumExp.apply(a, columns, s_img, column_scales, chunk_size or default_chunk(a.device),
+                                             group, ring)
     positives = (a.to(acc) * b.to(acc)).sum(-1)
     surrogate, value, new_u = [], [], []
     for lse, scale, log_u in ((row_lse, s_img, log_u_image), (col_lse, s_txt, log_u_text)):
@@ -163,7 +179,7 @@ class GlobalClipLoss:
     def __init__(self, num_samples: int, *, gamma: float = 0.2, gamma_schedule: str = "constant",
                  gamma_decay_steps: int | None = None, temperature: str = "global", rho: float = 8.0,
                  tau_init: float = 0.07, tau_min: float = 0.01, tau_max: float = 1.0, chunk_size: int | None = None,
-                 group=None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 group=None, distributed: str = "auto", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if temperature not in ("global", "individual"):
             raise ValueError(f"unknown temperature {temperature!r}; allowed: global, individual")
         if not 0 < gamma <= 1:
@@ -171,7 +187,7 @@ class GlobalClipLoss:
         gamma_at(0, gamma, gamma_schedule, gamma_decay_steps)  # rejects an unknown schedule now, not at step 0
         self.gamma, self.gamma_schedule, self.gamma_decay_steps = gamma, gamma_schedule, gamma_decay_steps
         self.rho, self.tau_min, self.tau_max = rho, tau_min, tau_max
-        self.chunk_size, self.group = chunk_size, group
+        self.chunk_size, self.group, self.distributed = chunk_size, group, distributed
         table = dict(dtype=dtype, device=device, group=group)
         self.log_u = SampleTable(num_samples, 2, float("nan"), **table)  # columns: image anchors, text anchors
         individual = temperature == "individual"
@@ -188,7 +204,8 @@ class GlobalClipLoss:
             image_scale, text_scale = 1 / tau[:, 0], 1 / tau[:, 1]
         out = global_clip_loss(image, text, image_scale, text_scale, log_u[:, 0], log_u[:, 1],
                                gamma=gamma_at(step, self.gamma, self.gamma_schedule, self.gamma_decay_steps),
-                               rho=self.rho, chunk_size=self.chunk_size, group=self.group)
+                               rho=self.rho, chunk_size=self.chunk_size, group=self.group,
+                               distributed=self.distributed)
         self.pending = (indices, torch.stack([out.log_u_image, out.log_u_text], 1))
         return out.loss
 
@@ -276,7 +293,7 @@ class GlobalClip(ContrastiveLoss):
         self.gcl = GlobalClipLoss(num_samples, gamma=cfg.gamma, gamma_schedule=cfg.gamma_schedule,
                                   gamma_decay_steps=cfg.gamma_decay_steps, temperature=cfg.temperature, rho=cfg.rho,
                                   tau_init=cfg.tau_init, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
-                                  chunk_size=cfg.chunk_size, group=group)
+                                  chunk_size=cfg.chunk_size, group=group, distributed=cfg.distributed)
         taus = self.gcl.temperature_parameters()
         self.tau_optimizer = torch.optim.SparseAdam(taus, lr=cfg.temperature_lr) if taus else None
 
