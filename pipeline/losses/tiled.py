@@ -292,13 +292,14 @@ class LogDenominators(torch.autograd.Function):
             sweep_gradients(ag, block, stats, row_stats, offset, col_offset, s, beta, cols, chunk, ga, gb)
             blocks.give([gb])
         gb, = blocks.carried
-        gneg = None if negs is None else torch.empty_like(negs)
+        gneg = torch.empty_like(negs) if ctx.needs_input_grad[4] else None  # mined negatives come detached
         for i0, i1 in spans(n, chunk) if negs is not None else ():
             nf, rows = negs[i0:i1].detach().to(gd), ag[i0:i1]
             zn = negative_logits(rows, nf, s)
             Gn = row_stats[2][i0:i1, None] * softmax_weights(zn, r1[i0:i1, None], r2[i0:i1, None], beta)
             ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(gd), nf).to(st)
-            gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
+            if gneg is not None:
+                gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
         log_alpha = math.log(alpha) if alpha > 0 else NEG_INF
         w_pos = torch.exp(log_alpha + zdf - d_row)  # ∂(Σ d)/∂z_ii
         if cols:
@@ -376,13 +377,14 @@ class SigmoidPairs(torch.autograd.Function):
                     add_product(gb[j0:j1], G.T, rows)
             blocks.give([gb])
         gb, = blocks.carried
-        gneg = None if negs is None else torch.empty_like(negs)
+        gneg = torch.empty_like(negs) if ctx.needs_input_grad[4] else None  # mined negatives come detached
         for i0, i1 in spans(n, chunk) if negs is not None else ():
             nf, rows = negs[i0:i1].detach().to(gd), ag[i0:i1]
             Gn = torch.sigmoid(negative_logits(rows, nf, s) + t)
             gt += Gn.sum()
             ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(gd), nf).to(st)
-            gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
+            if gneg is not None:
+                gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
         gs = row_dots(ga, ag, st, chunk).sum() * g
         ga = in_dtype(ga, g * s, a.dtype, chunk)
         gb = in_dtype(gb, g * s, b.dtype, chunk)
