@@ -35,6 +35,19 @@ def test_one_rank_trains(demo_shards, tmp_path, loss):
     run(train_cmd(1, tiny_overrides(demo_shards, tmp_path / "run", 12, **sets)))
     values = list(losses(tmp_path / "run").values())
     assert len(values) == 12 and sum(values[-3:]) / 3 < sum(values[:3]) / 3, values
+    if "individual" in loss:  # the saved model carries log(1 / mean τ) of the samples seen, for eval and export
+        import math
+
+        import torch
+        from safetensors.torch import load_file
+
+        folder = tmp_path / "run" / "checkpoints" / "step_00000012"
+        state = torch.load(folder / "rank0_state.pt", weights_only=True)["loss"]["gcl"]
+        tau, seen = state["tau"]["values"], ~torch.isnan(state["log_u"]["values"]).any(1)
+        mean_tau = tau[seen].mean().item()
+        assert mean_tau != pytest.approx(0.07)  # the temperatures moved
+        scale = load_file(str(folder / "model.safetensors"))["logit_scale"].item()
+        assert scale == pytest.approx(-math.log(mean_tau), rel=1e-5)
 
 
 def test_global_clip_refuses_shards_without_counts(demo_shards, tmp_path):

@@ -58,6 +58,11 @@ class ContrastiveLoss(nn.Module):
         """Parameters the loss itself learns and steps (e.g. per-sample temperatures), outside the model."""
         return []
 
+    def exported_logit_scale(self) -> float | None:
+        """The log scale a saved model should carry when the loss does not use the model's own (e.g. one τ
+        per sample); None keeps the model's. Called on every rank (it may be a collective)."""
+        return None
+
     def load_states(self, states: list[dict]) -> None:
         """Restore from every saved rank's `state_dict()`, in rank order (a loss keyed by sample index can
         reshard them into another number of ranks). Stateless losses ignore them."""

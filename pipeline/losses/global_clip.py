@@ -297,6 +297,11 @@ class GlobalClip(ContrastiveLoss):
         taus = self.gcl.temperature_parameters()
         self.tau_optimizer = torch.optim.SparseAdam(taus, lr=cfg.temperature_lr) if taus else None
 
+    def exported_logit_scale(self) -> float | None:
+        """With per-sample temperatures, log(1/mean τ) over the samples seen (global: the model's own)."""
+        tau = self.gcl.mean_temperature()
+        return None if tau is None else -math.log(tau)
+
     def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         modalities = modalities_of(features)
         if len(modalities) != 2:

@@ -52,8 +52,10 @@ def _gather_records(records: dict) -> dict:
     return {k: v for part in parts for k, v in part.items()}
 
 
-def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank: int, loss_state: dict) -> Path:
-    """`client_state` is the run's (saved once); `loss_state` this rank's share of the loss's state."""
+def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank: int, loss_state: dict,
+                    logit_scale: float | None = None) -> Path:
+    """`client_state` is the run's (saved once); `loss_state` this rank's share of the loss's state;
+    `logit_scale`, if given, replaces the model's in model.safetensors (what eval and export read)."""
     root = checkpoint_root(cfg)
     tag = tag_for(step)
     tmp_tag = tag + ".tmp"
@@ -67,6 +69,8 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank:
     records = _gather_records(hash_files(folder, _own_files(folder, rank)))
     state = consolidated_state_dict(engine, root, tmp_tag, cfg.deepspeed.zero_stage)
     if rank == 0:
+        if logit_scale is not None:
+            state["logit_scale"] = torch.full_like(state["logit_scale"], logit_scale)
         save_model(state, cfg.model, folder)
         rest = [p.name for p in folder.iterdir() if p.is_file() and p.name not in records and p.name != MANIFEST]
         write_manifest(folder, {**records, **hash_files(folder, rest)})

@@ -155,7 +155,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         path = save_checkpoint(self.engine.ds, self.cfg, self.step, self.state_dict(), self.rank,
-                               self.loss_module.state_dict())
+                               self.loss_module.state_dict(), self.loss_module.exported_logit_scale())
         self.saved_step = self.step
         self.log.event("checkpoint", self.step, path=str(path))
 
