@@ -54,6 +54,16 @@ def test_train_crops_decode_large_jpegs_at_reduced_scale_only(size, fmt, decoded
     assert evaluated.size == size  # eval decodes in full: exact open_clip preprocessing
 
 
+def test_channel_last_stacking_equals_stacking_the_crops():
+    """Crops (channel-last views) and a contiguous placeholder stack to exactly torch.stack's values."""
+    from pipeline.modalities.image import stack_channels_last
+
+    ours = ImageTransform(32, OPENAI_MEAN, OPENAI_STD, train=True)
+    crops = [ours(Image().decode(jpeg(60, 50, seed), None)) for seed in range(3)] + [torch.zeros(ours.shape,
+                                                                                                   dtype=torch.uint8)]
+    assert torch.equal(stack_channels_last(crops), torch.stack(crops))
+
+
 def test_uint8_batch_normalised_by_the_tower_equals_open_clips_float_train_transform():
     """Same crop (same torch seed, no draft: source < 2x crop): uint8 + tower normalisation == ToTensor+Normalize."""
     from open_clip.transform import image_transform
@@ -158,6 +168,7 @@ def test_missing_modalities_are_masked_zeros_of_the_uint8_and_k_crop_shapes(tmp_
     batch = next(iter(build_loader(cfg, split="train", modalities=["image", "text", "audio"], preprocess=preprocess)))
     has_image = torch.tensor([int(k[1:]) % 2 == 1 for k in batch["key"]])
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (4, 3, 32, 32)
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last)  # stacked as PIL holds pixels
     assert batch["audio"].shape == (4, 2, 4000)
     assert torch.equal(batch["mask"]["image"], has_image) and torch.equal(batch["mask"]["audio"], ~has_image)
     assert not batch["image"][~has_image].any() and not batch["audio"][has_image].any()

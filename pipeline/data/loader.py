@@ -266,7 +266,7 @@ class ShardStream(IterableDataset):
         for m in self.modalities:
             pre = self.preprocess[m]
             placeholder = torch.zeros(pre.shape, dtype=pre.dtype)
-            batch[m] = torch.stack([it.get(m, placeholder) for it in items])
+            batch[m] = getattr(pre, "collate", torch.stack)([it.get(m, placeholder) for it in items])
             batch["mask"][m] = torch.tensor([m in it for it in items])
         if self.negatives:
             key = f"{self.negatives.modality}_neg"
