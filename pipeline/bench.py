@@ -17,7 +17,8 @@ def _ints(text: str) -> list[int]:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
     loss = sub.add_parser("loss", help="tiled losses vs open_clip ClipLoss/SigLipLoss and the symile package")
-    loss.add_argument("--kind", choices=["clip", "siglip", "symile"], default="clip")
+    loss.add_argument("--kind", choices=["clip", "siglip", "symile", "small_batch"], default="clip",
+                      help="small_batch: global_clip and mined negatives against the plain tiled losses (first --batch)")
     loss.add_argument("--batch", type=_ints, default=[4096, 16384, 65536], help="comma-separated global batch sizes")
     loss.add_argument("--dim", type=int, default=512)
     loss.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
@@ -63,7 +64,11 @@ def tower_inputs(config: str) -> tuple[dict, object]:
 
 def run_bench(args) -> int:
     if args.bench == "loss":
-        if args.ranks > 1:
+        if args.kind == "small_batch":
+            from pipeline.losses.bench_small_batch import run_small_batch_bench
+
+            run_small_batch_bench(args.batch[0], args.dim, args.out, args.repeats)
+        elif args.ranks > 1:
             from pipeline.losses.bench_ranks import run_ranks_bench
 
             run_ranks_bench(args.kind, args.batch[0], args.dim, args.ranks, args.out, args.dtype, args.repeats)

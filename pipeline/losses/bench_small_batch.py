@@ -2,8 +2,9 @@
 
 `run_small_batch_bench(batch, dim, out_dir)` times forward+backward (and, for the global loss,
 the state's lookup and commit; for mined negatives, the no-grad top-k sweep and the mixing)
-in a fresh subprocess per run, interleaving the implementations and reporting the median of
-`repeats` runs; extra memory is peak RSS above the inputs, as in `mmclip bench loss`. The
+in a fresh subprocess per run after a warm-up call, interleaving the implementations and reporting
+the median of `repeats` runs; extra memory is the peak allocated above the inputs, as in `mmclip
+bench loss` (`PeakMemory`). `mmclip bench loss --kind small_batch --batch 16384` runs it. The
 mining sweep is also timed alone, as a fraction of the plain clip loss.
 """
 from __future__ import annotations
@@ -16,11 +17,12 @@ import sys
 from pathlib import Path
 
 PROBE = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import torch.nn.functional as F
 from pipeline.losses import clip_loss, siglip_loss
 from pipeline.losses.global_clip import GlobalClipLoss
 from pipeline.losses.mined import MinedNegatives, top_k_negatives
+from pipeline.losses.bench import PeakMemory
 impl, B, D, K, S, S2 = sys.argv[1], *map(int, sys.argv[2:7])
 torch.manual_seed(0)
 a, b = (F.normalize(torch.randn(B, D), dim=-1).requires_grad_() for _ in range(2))
@@ -29,23 +31,27 @@ a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)  # the inputs' gradien
 indices = torch.randperm(10 * B)[:B]
 gcl = GlobalClipLoss(10 * B, temperature=impl.split("_")[-1]) if impl.startswith("global") else None
 mined = MinedNegatives(top_k=K, mixed=S, mix_with_anchor=S2)
-base_kib = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
-t0 = time.perf_counter()
-if impl == "top_k_sweep":  # the mining sweep alone: no loss, no backward
-    values, _ = top_k_negatives(a, b, K)
-    loss = values.sum().requires_grad_()
-elif gcl is not None:
-    loss = gcl(a, b, scale, indices, step=0)
-else:
+def step(a, b, indices):
+    if impl == "top_k_sweep":  # the mining sweep alone: no loss, no backward
+        values, _ = top_k_negatives(a, b, K)
+        return values.sum().requires_grad_()
+    if gcl is not None:
+        loss = gcl(a, b, scale, indices, step=0)
+        loss.backward()
+        gcl.commit()
+        return loss
     negs = mined(a, b, step=0, generator=torch.Generator().manual_seed(0)) if impl.startswith("mined") else None
     loss = (clip_loss(a, b, scale, hard_negatives=negs) if impl.endswith("clip")
             else siglip_loss(a, b, scale, bias, hard_negatives=negs))
-loss.backward()
-if gcl is not None:
-    gcl.commit()
-seconds = time.perf_counter() - t0
-extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) / 1024
-print(json.dumps({"seconds": seconds, "extra_mib": max(extra, 0.0), "loss": loss.item()}))
+    loss.backward()
+    return loss
+step(a[:1024].detach().requires_grad_(), b[:1024].detach().requires_grad_(), indices[:1024])  # warm-up
+scale.grad = bias.grad = None
+with PeakMemory() as memory:
+    t0 = time.perf_counter()
+    loss = step(a, b, indices)
+    seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "extra_mib": memory.extra_mib, "loss": loss.item()}))
 """
 
 IMPLS = {
