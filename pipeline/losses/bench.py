@@ -87,12 +87,13 @@ class PeakMemory:
     """Peak memory the block allocates, in MiB above what was allocated when it began (`extra_mib`).
 
     Measured as bytes handed out by malloc (glibc's mallinfo2: heap in use + mmapped blocks), sampled
-    every `interval` s by a thread: the resident size would also count what the allocator keeps after a
+    every `interval` s by a thread (mallinfo2 walks the allocator's free lists under its locks, so
+    sampling much faster slows the measured code; the peak holds for most of a backward pass): the resident size would also count what the allocator keeps after a
     free, which varies by 10-30 MiB from run to run. Where mallinfo2 is missing (not glibc ≥ 2.33) it
     falls back to the kernel's peak resident size (VmHWM, reset at the start).
     """
 
-    def __init__(self, interval: float = 2e-4):
+    def __init__(self, interval: float = 5e-3):
         import ctypes
 
         self.interval, self.peak, self._stop = interval, 0, None
