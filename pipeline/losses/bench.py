@@ -88,8 +88,9 @@ class PeakMemory:
 
     Measured as bytes handed out by malloc (glibc's mallinfo2: heap in use + mmapped blocks), sampled
     every `interval` s by a thread (mallinfo2 walks the allocator's free lists under its locks, so
-    sampling much faster slows the measured code; the peak holds for most of a backward pass): the resident size would also count what the allocator keeps after a
-    free, which varies by 10-30 MiB from run to run. Where mallinfo2 is missing (not glibc ≥ 2.33) it
+    sampling much faster slows the measured code; the peak holds for most of a backward pass). The
+    resident size would also count what the allocator keeps after a free, which varies by 10-30 MiB
+    from run to run. Where mallinfo2 is missing (not glibc ≥ 2.33) it
     falls back to the kernel's peak resident size (VmHWM, reset at the start).
     """
 
