@@ -205,7 +205,7 @@ def _exchange(x, send_rows, recv_rows, group):
 @torch.no_grad()
 def fetch_rows(x: torch.Tensor, indices: torch.Tensor, group) -> torch.Tensor:
     """Rows `indices` (global, any shape, repeats allowed) of the row-sharded global x, each fetched from its
-    owner: two all-to-alls, the indices out and the rows back; O(indices·D) per rank."""
+    owner: all-to-alls of the counts, the indices out and the rows back; O(indices·D) per rank."""
     _, world = rank_and_world(group)
     n, flat = x.shape[0], indices.flatten()
     order = torch.argsort(flat // n, stable=True)  # requests grouped by owner rank
