@@ -76,26 +76,30 @@ def shuffled(samples: Iterator[dict], bufsize: int, max_bytes: float, rng: rando
     per yield while the buffer fills) with the buffer bounded by the raw bytes it holds as well as by its
     sample count: samples differ by 100x in size (a JPEG, a minute of FLAC), a count alone does not bound
     a worker's memory."""
-    buf, held = [], 0
+    buf, held = [], 0  # buf: (raw bytes, sample)
 
     def full() -> bool:
         return len(buf) >= bufsize or held >= max_bytes
+
+    def add(sample: dict) -> None:
+        nonlocal held
+        buf.append((raw_bytes(sample), sample))
+        held += buf[-1][0]
 
     def pick() -> dict:
         nonlocal held
         i = rng.randrange(len(buf))
         buf[i], buf[-1] = buf[-1], buf[i]
-        held -= raw_bytes(buf[-1])
-        return buf.pop()
+        size, sample = buf.pop()
+        held -= size
+        return sample
 
     for sample in samples:
-        buf.append(sample)
-        held += raw_bytes(sample)
+        add(sample)
         if not full():
             extra = next(samples, None)
             if extra is not None:
-                buf.append(extra)
-                held += raw_bytes(extra)
+                add(extra)
         if len(buf) >= min(initial, bufsize) or full():
             yield pick()
         while held > max_bytes:  # big samples replaced small ones
