@@ -68,7 +68,9 @@ def stop_now(code: int) -> None:
     sys.stderr.flush()
     for pid in _descendants(os.getpid()):
         with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
-            os.kill(pid, signal.SIGTERM)
+            # SIGKILL: loader workers ignore SIGTERM (the main process decides when to stop), and one left
+            # running can print a traceback from its fd-sharing thread once this process is gone
+            os.kill(pid, signal.SIGKILL)
     if dist.is_initialized():
         dist.destroy_process_group()
     os._exit(code)
