@@ -13,12 +13,12 @@ from collections import Counter
 from typing import Callable, Iterator, Literal
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.batch import Batch
 from pipeline.config import DataConfig
 from pipeline.data.decode import decode_sample
+from pipeline.data.tars import tar_samples
 from pipeline.data.sources import epoch_urls, expand_spec, resampled_urls, shard_sizes
 from pipeline.modalities.base import Skip
 from pipeline.registry import MODALITIES
@@ -26,11 +26,11 @@ from pipeline.registry import MODALITIES
 
 def _register_fsspec_schemes() -> None:
     """s3://, gs:// and hf:// shards open through fsspec (webdataset itself handles local, pipe: and http)."""
-    import sys
+    import importlib
 
     import fsspec
 
-    schemes = sys.modules["webdataset.gopen"].gopen_schemes
+    schemes = importlib.import_module("webdataset.gopen").gopen_schemes  # the attribute is the function gopen
     for scheme in ("s3", "gs", "hf"):
         schemes[scheme] = lambda url, mode="rb", bufsize=8192: fsspec.open(url, mode).open()
 
@@ -138,7 +138,7 @@ class NoDataGuard:
         for source in urls:
             self.shards_read += 1
             n = 0
-            for raw in wds.tarfile_to_samples(handler=on_read_error)([source]):
+            for raw in tar_samples([source], on_read_error):
                 if offsets is not None:
                     raw["__index__"] = offsets[source["url"]] + n
                 n += 1

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
-import webdataset as wds
 
 from pipeline.data.decode import decode_sample
 from pipeline.data.sources import expand_spec
+from pipeline.data.tars import tar_samples
 from pipeline.errors import UserError
 from pipeline.modalities.base import Skip
 from pipeline.registry import MODALITIES
@@ -67,7 +67,7 @@ def iter_batches(eval_set: EvalSet, modalities: list[str], preprocess: dict[str,
     sections = {m: MODALITIES.get(m, "--modality").config() for m in modalities if m != "text"}
     if eval_set.kind == "retrieval":
         sections["text"] = MODALITIES.get("text", "eval").config()
-    for raw in wds.tarfile_to_samples(handler=on_error)({"url": u} for u in eval_set.urls):
+    for raw in tar_samples(({"url": u} for u in eval_set.urls), on_error):
         try:
             sample = decode_sample(raw, sections)
             item = {m: preprocess[m](sample[m]) for m in modalities if m != "text"}
