@@ -9,6 +9,7 @@ import open_clip
 import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
+from tiny_bert import tiny_bert
 
 from pipeline.cli import main
 from pipeline.config import ModelConfig
@@ -138,17 +139,9 @@ def test_image_to_audio_retrieval_on_project_shards(demo_shards, tmp_path):
 
 
 def test_hf_text_tower_exports_with_its_config_and_tokenizer(tmp_path):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
     from pipeline.modalities.text import TextTokenizer
 
-    hf = tmp_path / "bert"
-    hf.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "bag", "dress"]
-    (hf / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(hf / "vocab.txt")).save_pretrained(hf)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(hf)
+    hf = tiny_bert(tmp_path / "bert", ["a", "photo", "of", "bag", "dress"])
     cfg = ModelConfig(embed_dim=16, towers={"image": TINY["image"], "text": {"kind": "hf_text", "name": str(hf),
                                                                              "options": {"context_length": 8}}})
     torch.manual_seed(0)

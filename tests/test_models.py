@@ -1,6 +1,7 @@
 """Every tower kind builds from config with random init and encodes its modality to [B, embed_dim]."""
 import pytest
 import torch
+from tiny_bert import tiny_bert
 
 from pipeline.config import ModelConfig, TowerConfig
 from pipeline.errors import UserError
@@ -96,14 +97,7 @@ def test_presence_mask_uses_missing_embedding_and_save_load_round_trip(tmp_path)
 
 # ------------------------------------------------------------------ the contract of every tower kind
 def _hf_text_folder(root):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "dog", "cat"]
-    (root / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(root)
-    return str(root)
+    return str(tiny_bert(root, ["a", "photo", "of", "dog", "cat"]))
 
 
 IMAGE = {"kind": "open_clip_vision", "options": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1,
@@ -222,18 +216,13 @@ def test_pretrained_rgb_timm_stem_loads_into_the_spectrogram_cnn(tmp_path):
 
 
 def test_pretrained_transformers_folder_with_a_task_prefix(tmp_path):
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+    from safetensors.torch import load_file
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "dog", "cat"]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    mlm = BertForMaskedLM(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=64))
-    mlm.save_pretrained(tmp_path)
+    mlm = load_file(tiny_bert(tmp_path, ["a", "photo", "of", "dog", "cat"], "BertForMaskedLM") / "model.safetensors")
     tower = _tower("text", {"kind": "hf_text", "name": str(tmp_path), "options": {"context_length": 8}},
                    str(tmp_path))
     for k, v in tower.encoder.transformer.state_dict().items():
-        torch.testing.assert_close(v, mlm.state_dict()["bert." + k])
+        torch.testing.assert_close(v, mlm["bert." + k])
 
 
 @pytest.mark.parametrize("content, message", [
