@@ -300,6 +300,11 @@ def build_loader(cfg: DataConfig, *, split: Literal["train", "val"], modalities:
                          cfg.resampled if resampled is None else resampled, rank, world_size, seed, start_step,
                          epoch, cfg.batch_size // world_size)
     generator = torch.Generator().manual_seed(hash((seed, rank, start_step, epoch)) % 2**62)
+    if cfg.workers:
+        # Batches reach this process as shared-memory files named in the message (torch_shm_manager removes
+        # them when both ends are gone), not as file descriptors handed over by a server thread in each worker:
+        # a stop signal that ends the wait for a batch mid-handover left that thread to print a traceback.
+        torch.multiprocessing.set_sharing_strategy("file_system")
     return DataLoader(stream, batch_size=None, num_workers=cfg.workers, generator=generator,
                       persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
                       worker_init_fn=_leave_signals_to_main if cfg.workers else None)
