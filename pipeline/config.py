@@ -177,6 +177,8 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(10, ge=1, description="abort after this many NaN/inf losses")
     collective_timeout_s: int = Field(600, gt=0, description="a rank waiting this long in a collective (a dead "
                                       "or stuck peer) fails the run; torch's default is 30 min")
+    keep_freed_memory: bool = Field(True, description="glibc malloc keeps freed memory for the next step instead "
+                                    "of returning it to the kernel (pipeline.train.allocator)")
 
 
 class DeepSpeedConfig(Section):

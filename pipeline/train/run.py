@@ -135,12 +135,15 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
     from pipeline.losses import build_loss
     from pipeline.models import build_model
     from pipeline.models.preprocess import tower_preprocessors
+    from pipeline.train.allocator import keep_freed_memory
     from pipeline.train.checkpoint import find_resume_tag, load_checkpoint
     from pipeline.train.engine import Engine
     from pipeline.train.metrics import RunLog
     from pipeline.train.trainer import Trainer
 
     rank, world = env.rank, env.world_size
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
     if cfg.data.batch_size % world:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the {world} ranks")
     num_samples = require_sample_counts(cfg)
