@@ -1,4 +1,5 @@
 """With keep_freed_memory, a training step reuses the previous step's memory instead of faulting it in again."""
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ def faults_per_step(mode: str) -> int:
 
 
 def test_a_step_reuses_freed_memory_instead_of_faulting_it_in():
-    default, kept = faults_per_step("default"), faults_per_step("keep")
-    assert kept <= 50, kept  # 0 here: every block comes back from the heap
-    assert default >= 20 * (kept + 50), default  # 3,500-7,000 here: glibc gave pages back and faults them in again
+    """Medians of 5 processes each: a loaded machine moves single runs (kept: 0-360 here, default: 3,300-7,500)."""
+    default = statistics.median(faults_per_step("default") for _ in range(5))
+    kept = statistics.median(faults_per_step("keep") for _ in range(5))
+    assert kept <= 500, kept
+    assert default >= 5 * max(kept, 100), (default, kept)  # glibc gave the pages back and faults them in again
