@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.losses.distributed import Ring, gather_rows, rank_and_world
+from pipeline.losses.kernels import exp_sums, sigmoid_tile, softmax_sum, softplus_sum
 
 NEG_INF = float("-inf")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -103,28 +104,24 @@ def diagonal_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | 
     return torch.arange(i0, i1, device=device)[:, None] == torch.arange(j0, j1, device=device)[None, :]
 
 
-def tile_logsumexps(dots: torch.Tensor, scale: float, dtype: torch.dtype, cols: bool):
-    """Row and (if `cols`) column log-sum-exps of z = scale·dots (scale > 0) in `dtype`, one exp pass.
+def tile_logsumexps(dots: torch.Tensor, scale: torch.Tensor, cols: bool, full: bool):
+    """Row and (if `cols`) column log-sum-exps of z = scale·dots (scale > 0) in scale's dtype, one
+    exp pass (`kernels.exp_sums`; fused when `full`).
 
     The scale is applied inside the fp32 pass that shifts each row by its maximum m_i (not folded
     into the bf16 operands, which would round the logits twice). The columns reuse the
     row-shifted exponentials e_ij = exp(z_ij − m_i):
-    Σ_i exp(z_ij) = exp(M)·Σ_i exp(m_i − M)·e_ij, one GEMV. A column whose sum comes near
-    underflow (its maximum ~60 below the tile's in fp32) is redone directly, so the result
-    stays exact to the dtype's precision.
+    Σ_i exp(z_ij) = exp(M)·Σ_i exp(m_i − M)·e_ij. A column whose sum comes near underflow (its
+    maximum ~60 below the tile's in fp32) is redone directly, so the result stays exact to the
+    dtype's precision.
     """
-    z = dots.to(dtype, copy=True)  # one conversion pass; the in-place passes below then run vectorised
-    m = (z.amax(1) * scale).clamp_(min=torch.finfo(dtype).min)  # a fully masked row: finite shift
-    e = torch.add(-m[:, None], z, alpha=scale, out=z).exp_()
-    rows = m + e.sum(1).log()
+    rows, top, col_sums = exp_sums(dots, scale, cols, full=full)
     if not cols:
         return rows, None
-    top = m.max()
-    col_sums = torch.exp(m - top) @ e
     columns = top + col_sums.log()
-    low = col_sums < torch.finfo(dtype).tiny ** 0.7
+    low = col_sums < torch.finfo(scale.dtype).tiny ** 0.7
     if low.any():
-        columns[low] = torch.logsumexp(scale * dots[:, low].to(dtype), 0)
+        columns[low] = torch.logsumexp(scale * dots[:, low].to(scale.dtype), 0)
     return rows, columns
 
 
@@ -150,14 +147,16 @@ def negative_logits(rows: torch.Tensor, negs: torch.Tensor, s: torch.Tensor) -> 
 def sweep_statistics(ag, block, row_offset, col_offset, sf, beta, cols, chunk, r1, r2, c1, c2):
     """One column block's tiles: fold their row LSEs into r1/r2 and their column LSEs into c1/c2."""
     st, dev = r1.dtype, ag.device
+    factors = [torch.tensor(f * sf, dtype=st, device=dev) for f in ((1 + beta, beta) if beta else (1.0,))]
     for i0, i1 in spans(ag.shape[0], chunk):
         for j0, j1 in spans(block.shape[0], chunk):
             dots = mm(ag[i0:i1], block[j0:j1].T)
             m = diagonal_mask(i0 + row_offset, i1 + row_offset, j0 + col_offset, j1 + col_offset, dev)
             if m is not None:
                 dots = dots.masked_fill(m, NEG_INF)
-            for factor, rs, cs in ((1 + beta, r1, c1), (beta, r2, c2)) if beta else ((1.0, r1, c1),):
-                row_lse, col_lse = tile_logsumexps(dots, factor * sf, st, cols)
+            full = i1 - i0 == j1 - j0 == chunk
+            for scale, rs, cs in zip(factors, (r1, r2), (c1, c2)):
+                row_lse, col_lse = tile_logsumexps(dots, scale, cols, full)
                 rs[i0:i1] = torch.logaddexp(rs[i0:i1], row_lse)
                 if cols:
                     cs[j0:j1] = torch.logaddexp(cs[j0:j1], col_lse)
@@ -172,7 +171,7 @@ def sweep_gradients(ag, block, col_stats, row_stats, row_offset, col_offset, s, 
         rows = ag[i0:i1]
         for j0, j1 in spans(block.shape[0], chunk):
             G = gradient_tile(rows, block[j0:j1], (i0, i1), (j0, j1), row_stats, col_stats if cols else None, s,
-                              beta, ga.dtype)
+                              beta, ga.dtype, chunk)
             m = diagonal_mask(i0 + row_offset, i1 + row_offset, j0 + col_offset, j1 + col_offset, ag.device)
             if m is not None:
                 G.masked_fill_(m, 0.0)
@@ -181,7 +180,7 @@ def sweep_gradients(ag, block, col_stats, row_stats, row_offset, col_offset, s, 
             del G  # before the next tile's product exists: one tile's buffers at a time
 
 
-def gradient_tile(a, b, rows, cols, row_stats, col_stats, s, beta, st):
+def gradient_tile(a, b, rows, cols, row_stats, col_stats, s, beta, st, chunk):
     """G = ∂loss/∂z for the tile a·bᵀ, in the GEMM dtype (a's); its fp32 buffers die with this call."""
     (i0, i1), (j0, j1) = rows, cols
     r1, r2, w_row, d_row = row_stats
@@ -194,15 +193,8 @@ def gradient_tile(a, b, rows, cols, row_stats, col_stats, s, beta, st):
             G += w_col[None, j0:j1] * softmax_weights(zf, c1[None, j0:j1], c2[None, j0:j1], beta)
         return G.to(gd)
     # v = LSE when β = 0, so w·exp(z − LSE) = exp(z − d): one exp per direction
-    sf = float(s)
-    G = dots.to(st)  # in fp32 (and CUDA's fp32-output GEMMs) the fresh product itself, overwritten in place
-    del dots
-    by_col = torch.add(-col_stats[3][None, j0:j1], G, alpha=sf).exp_() if col_stats is not None else None
-    torch.add(-d_row[i0:i1, None], G, alpha=sf, out=G).exp_()
-    if by_col is not None:
-        G += by_col
-        del by_col
-    return G.to(gd)
+    d_col = col_stats[3][j0:j1] if col_stats is not None else None
+    return softmax_sum(dots, s, d_row[i0:i1], d_col, gd, full=i1 - i0 == j1 - j0 == chunk)
 
 
 def _own_rows(x: torch.Tensor, offset: int, n: int, ring: bool) -> torch.Tensor:
@@ -335,15 +327,16 @@ class SigmoidPairs(torch.autograd.Function):
         ag = a.detach().to(gd)
         s, t = scale.detach().to(st), bias.detach().to(st).reshape(1)  # 1-element, not 0-dim: adding promotes
         total = torch.zeros((), dtype=st, device=ag.device)
-        sf = float(s)
         for col_offset, (block,) in Ring([b.detach().to(gd)], group, enabled=ring, part_rows=chunk):
             for i0, i1 in spans(n, chunk):
                 for j0, j1 in spans(block.shape[0], chunk):
-                    z = mm(ag[i0:i1], block[j0:j1].T).to(st, copy=True)
-                    torch.add(t, z, alpha=sf, out=z)  # s·dots + bias in one fp32 pass
+                    dots = mm(ag[i0:i1], block[j0:j1].T)
+                    # −log σ(−z) = softplus(z) for negatives; the positives' softplus(−z) replaces theirs
+                    total += softplus_sum(dots, s, t, full=i1 - i0 == j1 - j0 == chunk)
                     m = diagonal_mask(i0 + offset, i1 + offset, j0 + col_offset, j1 + col_offset, ag.device)
-                    # −log σ(−x) = softplus(x) for negatives; positives flip the sign
-                    total += F.softplus(z if m is None else torch.where(m, -z, z)).sum()
+                    if m is not None:
+                        z = dots[m].to(st) * s + t
+                        total += (F.softplus(-z) - F.softplus(z)).sum()
         if negs is not None:
             total += F.softplus(negative_logits(ag, negs.detach().to(gd), s) + t).sum()
         ctx.save_for_backward(a, b, scale, bias, negs)
@@ -359,20 +352,20 @@ class SigmoidPairs(torch.autograd.Function):
         dev = ag.device
         ga = torch.zeros(n, D, device=dev, dtype=st)
         gt = torch.zeros((), dtype=st, device=dev)
-        sf = float(s)
         blocks = Ring([b.detach().to(gd)], group, enabled=ring, part_rows=chunk)
         for col_offset, (block,) in blocks:
             gb, = blocks.take(lambda rows=block.shape[0]: [torch.zeros(rows, D, device=dev, dtype=st)])
             for i0, i1 in spans(n, chunk):
                 rows = ag[i0:i1]
                 for j0, j1 in spans(block.shape[0], chunk):
-                    z = mm(rows, block[j0:j1].T).to(st, copy=True)
-                    torch.add(t, z, alpha=sf, out=z)
+                    dots = mm(rows, block[j0:j1].T)
+                    G, G_sum = sigmoid_tile(dots, s, t, gd, full=i1 - i0 == j1 - j0 == chunk)  # d softplus(z)/dz
+                    gt += G_sum
                     m = diagonal_mask(i0 + offset, i1 + offset, j0 + col_offset, j1 + col_offset, dev)
-                    # d softplus(z)/dz; positives: −σ(−z), exact where σ(z) − 1 would cancel
-                    G = torch.sigmoid(z) if m is None else torch.where(m, -torch.sigmoid(-z), torch.sigmoid(z))
-                    gt += G.sum()
-                    G = G.to(gd)
+                    if m is not None:  # positives: −σ(−z), exact where σ(z) − 1 would cancel
+                        z = dots[m].to(st) * s + t
+                        G[m] = (-torch.sigmoid(-z)).to(gd)
+                        gt += (-torch.sigmoid(-z) - torch.sigmoid(z)).sum()
                     add_product(ga[i0:i1], G, block[j0:j1])
                     add_product(gb[j0:j1], G.T, rows)
             blocks.give([gb])

@@ -1,0 +1,89 @@
+"""The elementwise work on one logits tile, fused by torch.compile on full tiles.
+
+After a tile's GEMM, eager torch passes over the tile once per op (convert, shift, exp, sum,
+add, convert back): 5–7 reads and writes of a 4 MiB fp32 tile, about as long as a bf16 GEMM
+of the tile itself on a CPU. Inductor fuses each function below into one loop over the GEMM's
+output (a read of the bf16 tile, fp32 arithmetic in registers), on CPU and CUDA alike.
+
+Which tiles: full chunk×chunk tiles of at least `MIN_FUSED` elements in bf16, fp16 or fp32.
+Shapes are static, so a run compiles each function once per tile size and dtype (5–20 s on a
+cold cache; inductor's on-disk cache makes later processes start in a few seconds). Edge
+tiles, small chunks and fp64 run the same functions eagerly: there a compile would not pay.
+If inductor cannot build here (no C++ compiler on a CPU node, no triton beside CUDA), one
+warning says so and every tile runs eagerly from then on, with the same results.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+MIN_FUSED = 256 * 256
+
+
+class TileKernel:
+    """`fn(dots, ...)`, compiled for full tiles and eager for the rest."""
+
+    broken: str | None = None  # why inductor failed in this process, once it has
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=False)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, dots: torch.Tensor, *args, full: bool):
+        if full and TileKernel.broken is None and dots.numel() >= MIN_FUSED and dots.dtype != torch.float64:
+            try:
+                return self.compiled(dots, *args)
+            except Exception as err:  # inductor fails in many ways where it cannot build; eager always works
+                TileKernel.broken = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+                print(f"mmclip: warning: fused loss tiles are off, torch.compile failed here ({TileKernel.broken}); "
+                      "the losses run eagerly, with the same results, more slowly", file=sys.stderr, flush=True)
+        return self.fn(dots, *args)
+
+
+@TileKernel
+def exp_sums(dots: torch.Tensor, scale: torch.Tensor, cols: bool):
+    """Row log-sum-exps of z = scale·dots in scale's dtype and, with `cols`, each column's
+    Σ_i exp(z_ij − top) with top = max_i m_i, from the row-shifted e_ij = exp(z_ij − m_i)."""
+    z = dots.to(scale.dtype)
+    m = (z.amax(1) * scale).clamp(min=torch.finfo(scale.dtype).min)  # a fully masked row: finite shift
+    e = torch.exp(z * scale - m[:, None])
+    rows = m + e.sum(1).log()
+    if not cols:
+        return rows, None, None
+    top = m.max()
+    return rows, top, (torch.exp(m - top)[:, None] * e).sum(0)
+
+
+@TileKernel
+def softmax_sum(dots: torch.Tensor, scale: torch.Tensor, d_row: torch.Tensor, d_col: torch.Tensor | None,
+                out_dtype: torch.dtype):
+    """exp(z − d_row_i) + exp(z − d_col_j) for z = scale·dots (no column term without d_col), in
+    `out_dtype`: ∂loss/∂z of an InfoNCE tile given its log-denominators."""
+    z = dots.to(scale.dtype) * scale
+    G = torch.exp(z - d_row[:, None])
+    if d_col is not None:
+        G = G + torch.exp(z - d_col[None, :])
+    return G.to(out_dtype)
+
+
+def softplus(z: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^z) = max(z, 0) + log1p(e^−|z|), with Kahan's log1p(x) = log(u)·x/(u − 1), u = 1 + x
+    (exact to a few ulps): torch's softplus and log1p run a scalar log1p on CPU, 6× slower fused."""
+    x = torch.exp(-z.abs())
+    u = 1 + x
+    return z.clamp(min=0) + torch.where(u == 1, x, torch.log(u) * x / (u - 1))
+
+
+@TileKernel
+def softplus_sum(dots: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor):
+    """Σ softplus(scale·dots + bias) in scale's dtype: the sigmoid loss of a tile read as all negatives."""
+    return softplus(dots.to(scale.dtype) * scale + bias).sum()
+
+
+@TileKernel
+def sigmoid_tile(dots: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype):
+    """σ(scale·dots + bias) in `out_dtype` and its sum in scale's dtype: ∂loss/∂z of that all-negative
+    tile and its part of ∂loss/∂bias."""
+    G = torch.sigmoid(dots.to(scale.dtype) * scale + bias)
+    return G.to(out_dtype), G.sum()
