@@ -2,7 +2,8 @@
 
 Each engine is a custom autograd Function that sweeps tiles once in forward (keeping only
 per-row / per-column statistics) and recomputes every tile in backward to form the gradient
-with two GEMMs per tile.
+with two GEMMs per tile. The elementwise work on each tile after its GEMM lives in
+`pipeline.losses.kernels`, compiled into one fused loop for full tiles.
 
 Precision. Tile GEMMs run in the *GEMM dtype*: the features' own dtype (bf16/fp16) with
 `compute_dtype="auto"`, fp32 with `compute_dtype="fp32"` (inputs cast on entry), fp64 for fp64
