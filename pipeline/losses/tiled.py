@@ -106,15 +106,10 @@ def diagonal_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | 
 
 
 def tile_logsumexps(dots: torch.Tensor, scale: torch.Tensor, cols: bool, full: bool):
-    """Row and (if `cols`) column log-sum-exps of z = scale·dots (scale > 0) in scale's dtype, one
-    exp pass (`kernels.exp_sums`; fused when `full`).
-
-    The scale is applied inside the fp32 pass that shifts each row by its maximum m_i (not folded
-    into the bf16 operands, which would round the logits twice). The columns reuse the
-    row-shifted exponentials e_ij = exp(z_ij − m_i):
-    Σ_i exp(z_ij) = exp(M)·Σ_i exp(m_i − M)·e_ij. A column whose sum comes near underflow (its
-    maximum ~60 below the tile's in fp32) is redone directly, so the result stays exact to the
-    dtype's precision.
+    """Row and (if `cols`) column log-sum-exps of z = scale·dots (scale > 0) in scale's dtype, from
+    `kernels.exp_sums` (fused when `full`): rows shifted by their maxima, columns by the tile's. A
+    column whose sum comes near underflow (its maximum ~60 below the tile's in fp32) is redone
+    directly, so the result stays exact to the dtype's precision.
     """
     rows, top, col_sums = exp_sums(dots, scale, cols, full=full)
     if not cols:
