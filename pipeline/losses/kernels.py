@@ -1,9 +1,11 @@
 """The elementwise work on one logits tile, fused by torch.compile on full tiles.
 
 After a tile's GEMM, eager torch passes over the tile once per op (convert, shift, exp, sum,
-add, convert back): 5–7 reads and writes of a 4 MiB fp32 tile, about as long as a bf16 GEMM
-of the tile itself on a CPU. Inductor fuses each function below into one loop over the GEMM's
-output (a read of the bf16 tile, fp32 arithmetic in registers), on CPU and CUDA alike.
+add, convert back): 5–7 reads and writes of a 4 MiB fp32 tile. Inductor fuses each function
+below into one loop (two for the forward's row and column sums) over the GEMM's output, fp32
+arithmetic in registers, on CPU and CUDA alike. Measured in the loss on the 2-core Zen 4 at
+1024² bf16 tiles: forward and backward elementwise work 2.2–3.6 ms a tile eager, 1.7–2.0 ms
+fused, beside ~10 ms for the tile's four GEMMs.
 
 Which tiles: full chunk×chunk tiles of at least `MIN_FUSED` elements in bf16, fp16 or fp32.
 Shapes are static, so a run compiles each function once per tile size and dtype (5–20 s on a

@@ -98,6 +98,11 @@ def in_dtype(acc: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype, chunk:
     return out
 
 
+def full_tile(i0: int, i1: int, j0: int, j1: int, chunk: int) -> bool:
+    """A chunk×chunk tile, the shape whose elementwise work runs fused (`kernels.TileKernel`)."""
+    return i1 - i0 == j1 - j0 == chunk
+
+
 def diagonal_mask(i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | None:
     """Bool [i1-i0, j1-j0], true where global row i equals global column j; None if the tile misses it."""
     if max(i0, j0) >= min(i1, j1):
@@ -150,9 +155,8 @@ def sweep_statistics(ag, block, row_offset, col_offset, sf, beta, cols, chunk, r
             m = diagonal_mask(i0 + row_offset, i1 + row_offset, j0 + col_offset, j1 + col_offset, dev)
             if m is not None:
                 dots = dots.masked_fill(m, NEG_INF)
-            full = i1 - i0 == j1 - j0 == chunk
             for scale, rs, cs in zip(factors, (r1, r2), (c1, c2)):
-                row_lse, col_lse = tile_logsumexps(dots, scale, cols, full)
+                row_lse, col_lse = tile_logsumexps(dots, scale, cols, full_tile(i0, i1, j0, j1, chunk))
                 rs[i0:i1] = torch.logaddexp(rs[i0:i1], row_lse)
                 if cols:
                     cs[j0:j1] = torch.logaddexp(cs[j0:j1], col_lse)
@@ -190,7 +194,7 @@ def gradient_tile(a, b, rows, cols, row_stats, col_stats, s, beta, st, chunk):
         return G.to(gd)
     # v = LSE when β = 0, so w·exp(z − LSE) = exp(z − d): one exp per direction
     d_col = col_stats[3][j0:j1] if col_stats is not None else None
-    return softmax_sum(dots, s, d_row[i0:i1], d_col, gd, full=i1 - i0 == j1 - j0 == chunk)
+    return softmax_sum(dots, s, d_row[i0:i1], d_col, gd, full=full_tile(i0, i1, j0, j1, chunk))
 
 
 def _own_rows(x: torch.Tensor, offset: int, n: int, ring: bool) -> torch.Tensor:
@@ -328,7 +332,7 @@ class SigmoidPairs(torch.autograd.Function):
                 for j0, j1 in spans(block.shape[0], chunk):
                     dots = mm(ag[i0:i1], block[j0:j1].T)
                     # −log σ(−z) = softplus(z) for negatives; the positives' softplus(−z) replaces theirs
-                    total += softplus_sum(dots, s, t, full=i1 - i0 == j1 - j0 == chunk)
+                    total += softplus_sum(dots, s, t, full=full_tile(i0, i1, j0, j1, chunk))
                     m = diagonal_mask(i0 + offset, i1 + offset, j0 + col_offset, j1 + col_offset, ag.device)
                     if m is not None:
                         z = dots[m].to(st) * s + t
@@ -355,13 +359,14 @@ class SigmoidPairs(torch.autograd.Function):
                 rows = ag[i0:i1]
                 for j0, j1 in spans(block.shape[0], chunk):
                     dots = mm(rows, block[j0:j1].T)
-                    G, G_sum = sigmoid_tile(dots, s, t, gd, full=i1 - i0 == j1 - j0 == chunk)  # d softplus(z)/dz
+                    G, G_sum = sigmoid_tile(dots, s, t, gd, full=full_tile(i0, i1, j0, j1, chunk))  # d softplus/dz
                     gt += G_sum
                     m = diagonal_mask(i0 + offset, i1 + offset, j0 + col_offset, j1 + col_offset, dev)
                     if m is not None:  # positives: −σ(−z), exact where σ(z) − 1 would cancel
                         z = dots[m].to(st) * s + t
-                        G[m] = (-torch.sigmoid(-z)).to(gd)
-                        gt += (-torch.sigmoid(-z) - torch.sigmoid(z)).sum()
+                        positive = -torch.sigmoid(-z)
+                        G[m] = positive.to(gd)
+                        gt += (positive - torch.sigmoid(z)).sum()
                     add_product(ga[i0:i1], G, block[j0:j1])
                     add_product(gb[j0:j1], G.T, rows)
             blocks.give([gb])
