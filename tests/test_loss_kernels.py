@@ -33,6 +33,7 @@ def test_each_fused_kernel_computes_what_its_eager_self_does(dtype):
     calls = [(exp_sums, (masked, s, True)), (exp_sums, (dots, s, False)), (softmax_sum, (dots, s, d_row, d_col, dtype)),
              (softmax_sum, (dots, s, d_row, None, dtype)), (softplus_sum, (dots, s_sig, t)),
              (sigmoid_tile, (dots, s_sig, t, dtype))]
+    torch._dynamo.reset()  # compiled anew here, whatever ran before in this process
     graphs = counters["stats"]["unique_graphs"]
     for kernel, args in calls:
         fused, eager = kernel(*args, full=True), kernel(*args, full=False)
