@@ -68,26 +68,44 @@ class PeerWatch:
         self.rank, self.poll = rank, poll_seconds
         self.store = dist.distributed_c10d._get_default_store() if distributed() else None
         self.done = threading.Event()
+        self.stopping = threading.Lock()
         if self.store is not None:
             threading.Thread(target=self._watch, name="mmclip-peer-watch", daemon=True).start()
+
+    def _peer_failure(self) -> str | None:
+        return self.store.get(FAILED_KEY).decode() if self.store.check([FAILED_KEY]) else None
 
     def _watch(self) -> None:
         while not self.done.wait(self.poll):
             try:
-                failed = self.store.check([FAILED_KEY])
-                message = self.store.get(FAILED_KEY).decode() if failed else None
+                message = self._peer_failure()
             except Exception:  # the store lives in rank 0's process: it is gone, so is rank 0
                 if self.done.is_set():
                     return
                 message = "lost contact with rank 0 (it hosts the rendezvous); see its output for why"
             if message and not self.done.is_set():
-                print(f"mmclip: error: rank {self.rank} stops: {message}", file=sys.stderr, flush=True)
-                os._exit(1)
+                self._stop(message)
+
+    def _stop(self, message: str) -> None:
+        """Exit with the peer's line, once: the watch thread and a collective failing under the main
+        thread can both get here. Rank 0 lingers a moment since the store other ranks read dies with it."""
+        with self.stopping:
+            print(f"mmclip: error: rank {self.rank} stops: {message}", file=sys.stderr, flush=True)
+            if self.rank == 0:
+                time.sleep(3 * self.poll)
+            os._exit(1)
 
     def post(self, message: str) -> None:
-        """Tell the other ranks this one failed; rank 0 lingers a moment since the store dies with it."""
+        """Tell the other ranks this one failed, unless a peer failed first: then this rank's error
+        (a collective broken by the peer's exit) is a consequence, and the peer's line is reported."""
         if self.store is None:
             return
+        try:
+            peer = self._peer_failure()
+        except Exception:
+            peer = None
+        if peer:
+            self._stop(peer)
         self.done.set()
         try:
             self.store.set(FAILED_KEY, f"rank {self.rank} failed: {message}")
