@@ -44,7 +44,7 @@ COMMANDS = (
     ("bench", "benchmarks: loss, data, train (tables + plots under docs/bench)",
      "Benchmarks that measure this implementation side by side with open_clip's in one run and write "
      "markdown/JSON tables and PNG plots.",
-     "pipeline.bench:add_bench_args", "pipeline.bench:run_bench"),
+     "pipeline.bench.cli:add_bench_args", "pipeline.bench.cli:run_bench"),
 )
 
 

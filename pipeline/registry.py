@@ -59,7 +59,7 @@ class Registry:
         return name in self._entries
 
 
-LOSSES = Registry("loss", "pipeline.losses")
+LOSSES = Registry("loss", "pipeline.losses.objectives")
 TOWERS = Registry("tower kind", "pipeline.models.towers")
 MODALITIES = Registry("modality", "pipeline.modalities", instances=True)
 

@@ -13,8 +13,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pipeline.config import TowerConfig
 from pipeline.modalities.base import Modality, ModalityData, Skip
+from pipeline.models.config import TowerConfig
 from pipeline.models.towers import Tower
 from pipeline.registry import MODALITIES, TOWERS
 

@@ -59,9 +59,9 @@ def test_realistic_sets_are_built_once_and_their_bench_reports_both_audio_length
     import soundfile
     import webdataset as wds
 
-    from pipeline.bench import REALISTIC_CONFIG, tower_inputs
-    from pipeline.data.bench import run_realistic_data_bench
-    from pipeline.data.realistic import build_realistic
+    from pipeline.bench.cli import REALISTIC_CONFIG, tower_inputs
+    from pipeline.bench.data import run_realistic_data_bench
+    from pipeline.bench.realistic_data import build_realistic
     from pipeline.modalities.audio import AudioPreprocess
 
     summary = build_realistic(tmp_path / "realistic", n_images=6, n_audio=2)

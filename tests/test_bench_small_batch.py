@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from pipeline.losses.bench_small_batch import IMPLS, run_small_batch_bench
+from pipeline.bench.small_batch import IMPLS, run_small_batch_bench
 
 pytestmark = pytest.mark.slow  # a benchmark, even at a toy size
 

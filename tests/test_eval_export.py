@@ -12,10 +12,10 @@ from sklearn.metrics import balanced_accuracy_score
 from tiny_bert import tiny_bert
 
 from pipeline.cli import main
-from pipeline.config import ModelConfig
 from pipeline.eval.zeroshot import classification_metrics, retrieval_metrics
 from pipeline.export.open_clip import export_open_clip
 from pipeline.models import build_model
+from pipeline.models.config import ModelConfig
 from pipeline.models.io import load_model, save_model
 
 TINY = {

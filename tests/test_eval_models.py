@@ -12,11 +12,11 @@ from PIL import Image
 from test_hf_export import IMAGE, TEXT, TEXTS, _bert, _perturbed, _save_pngs, _unit
 
 from pipeline.cli import main
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
 from pipeline.eval.models import load_eval_model
 from pipeline.eval.zeroshot import class_embeddings
+from pipeline.models.config import ModelConfig
 from pipeline.models.io import save_model
 from pipeline.models.preprocess import tower_preprocessors
 

@@ -74,7 +74,7 @@ def test_a_config_that_is_a_directory_is_one_line(tmp_path):
 # -------------------------------------------------------------------------------------------- the fuzz
 def test_fifty_seeded_damaged_shards_each_end_with_the_damage_counted(demo_shards, tmp_path):
     """Every case ends within seconds, and every sample of the shard either trains or is counted as skipped."""
-    from pipeline.config import DataConfig
+    from pipeline.data.config import DataConfig
     from pipeline.data.loader import build_loader
     from pipeline.modalities.image import ImageTransform
     from pipeline.modalities.text import TextTokenizer

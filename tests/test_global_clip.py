@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_tiled_losses_distributed import free_port
 
 from pipeline.errors import UserError
-from pipeline.losses.global_clip import GlobalClipLoss, gamma_at, global_clip_loss
+from pipeline.losses.objectives.global_clip import GlobalClipLoss, gamma_at, global_clip_loss
 
 N, D, M = 12, 6, 30  # global batch, feature dim, dataset size
 GAMMA, RHO = 0.3, 0.5

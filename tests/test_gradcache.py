@@ -3,8 +3,8 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss
 
-from pipeline.config import ModelConfig
 from pipeline.models import build_model
+from pipeline.models.config import ModelConfig
 from pipeline.train.gradcache import grad_cache_step, split_batch
 
 TINY = {

@@ -13,13 +13,13 @@ from safetensors.torch import load_file, save_file
 from tiny_bert import tiny_bert
 
 from pipeline.cli import main
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
 from pipeline.export.hf import export_hf
 from pipeline.modalities.image import ImageTransform
 from pipeline.modalities.text import TextTokenizer
 from pipeline.models import build_model
+from pipeline.models.config import ModelConfig
 from pipeline.models.io import save_model
 
 # configs/demo.yaml's towers, narrower: same image size, patch, context length and normalisation

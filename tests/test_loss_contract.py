@@ -112,7 +112,7 @@ def test_bf16_features_give_the_fp32_loss_to_bf16_precision(kind):
 @pytest.mark.parametrize("kind", sorted(REFERENCES))
 def test_gradcache_equals_one_full_batch_backward(kind):
     loss = build(kind)
-    bias = {"init_logit_bias": -2.0} if LOSSES.get(kind, "").info.get("needs_logit_bias") else {}
+    bias = {"init_logit_bias": -2.0} if "logit_bias" in LOSSES.get(kind, "").obj.requires else {}
     _assert_gradcache_matches_full_batch(_batch(), 3, lambda f: loss(f, step=1, index=torch.arange(10)), **bias)
 
 

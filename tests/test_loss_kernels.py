@@ -1,4 +1,4 @@
-"""Fused loss tiles (pipeline/losses/kernels.py): each compiled kernel computes what its eager self does,
+"""Fused loss tiles (pipeline/losses/tiles/kernels.py): each compiled kernel computes what its eager self does,
 the losses built on them keep their float64 tolerances with full tiles fused, a changing logit scale
 compiles nothing new, and where inductor cannot build the losses fall back to eager with one warning."""
 import json
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from test_tiled_losses_bf16 import CASES, bf16_values, errors
 from torch._dynamo.utils import counters
 
-from pipeline.losses.kernels import MIN_FUSED, TileKernel, exp_sums, sigmoid_tile, softmax_sum, softplus, softplus_sum
+from pipeline.losses.tiles.kernels import MIN_FUSED, TileKernel, exp_sums, sigmoid_tile, softmax_sum, softplus, softplus_sum
 
 CHUNK = 256
 assert CHUNK * CHUNK == MIN_FUSED  # the smallest tile that is fused

@@ -12,7 +12,8 @@ from test_tiled_losses import naive_hn_nce
 from test_tiled_losses_distributed import free_port
 
 from pipeline.losses import clip_loss, siglip_loss
-from pipeline.losses.mined import MinedNegatives, MixingDraws, top_k_negatives
+from pipeline.losses.objectives.mined_negatives import MinedNegatives, MixingDraws
+from pipeline.losses.tiles import TileSpec, top_k_negatives
 
 N, D, K, S, S2 = 12, 6, 4, 3, 2
 
@@ -45,13 +46,13 @@ def draws(step):
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_top_k_equals_full_matrix_top_k(chunk):
     a, b = features(0)
-    values, indices = top_k_negatives(a, b, K, chunk_size=chunk)
+    values, indices = top_k_negatives(a, b, K, TileSpec.resolve(a.device, chunk))
     z = (a @ b.T).fill_diagonal_(float("-inf"))
     want = z.topk(K, dim=1)
     assert torch.equal(indices, want.indices)
     torch.testing.assert_close(values, want.values, rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="top_k"):
-        top_k_negatives(a, b, N)
+        top_k_negatives(a, b, N, TileSpec.resolve(a.device))
 
 
 def mined_losses(a, b, s, t, negs, group=None):
@@ -104,7 +105,8 @@ def worker(rank, world, port, out_dir, ring):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = slice(rank * N // world, (rank + 1) * N // world)
     a, b = (f[rows] for f in features(3))
-    _, top = top_k_negatives(a, b if ring else features(3)[1], K, chunk_size=5, group=dist.group.WORLD, ring=ring)
+    _, top = top_k_negatives(a, b if ring else features(3)[1], K,
+                             TileSpec.resolve(a.device, 5, distributed="ring" if ring else "gather", group=dist.group.WORLD))
     negs = MinedNegatives(top_k=K, mixed=S, mix_with_anchor=S2, chunk_size=5, group=dist.group.WORLD,
                           distributed="ring" if ring else "gather")(a, b, step=4, generator=torch.Generator().manual_seed(4))
     x = leaves(a, b)

@@ -3,9 +3,9 @@ import pytest
 import torch
 from tiny_bert import tiny_bert
 
-from pipeline.config import ModelConfig, TowerConfig
 from pipeline.errors import UserError
 from pipeline.models import build_model, build_tower
+from pipeline.models.config import ModelConfig, TowerConfig
 from pipeline.models.io import load_model, save_model
 
 D = 16

@@ -11,13 +11,14 @@ import webdataset as wds
 from PIL import Image as PILImage
 from scipy.signal import resample_poly
 
-from pipeline.config import DataConfig, TowerConfig
+from pipeline.data.config import DataConfig
 from pipeline.data.loader import build_loader
 from pipeline.modalities.audio import Audio, AudioClip
 from pipeline.modalities.base import Skip
 from pipeline.modalities.image import OPENAI_MEAN, OPENAI_STD, Image, ImageTransform, normalize_uint8
 from pipeline.modalities.text import TextTokenizer
 from pipeline.models import build_tower
+from pipeline.models.config import TowerConfig
 
 AUDIO_TOLERANCE = 1e-5  # documented in pipeline.modalities.audio: equal up to float32 rounding
 

@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.config import DataConfig
+from pipeline.data.config import DataConfig
 from pipeline.data.loader import build_loader
 from pipeline.errors import UserError
 from pipeline.modalities.audio import AudioClip
@@ -144,7 +144,7 @@ def test_bad_specs_fail_at_start_naming_them(tmp_path):
 
 def test_every_sample_carries_its_global_index_from_shard_order_and_counts(demo_shards):
     """sizes.json gives each shard's count; a sample's index is its shard's offset plus its position in it."""
-    from pipeline.config import DataConfig
+    from pipeline.data.config import DataConfig
     from pipeline.data.loader import build_loader
     from pipeline.modalities.text import TextTokenizer
 

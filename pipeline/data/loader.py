@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.batch import Batch
-from pipeline.config import DataConfig
+from pipeline.data.config import DataConfig
 from pipeline.data.decode import decode_sample
 from pipeline.data.tars import tar_samples
 from pipeline.data.sources import epoch_urls, expand_spec, resampled_urls, shard_sizes

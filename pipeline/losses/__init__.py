@@ -1,24 +1,29 @@
 """Losses: chunked cross-modal contrastive losses whose B×B similarity matrix never exists.
-InfoNCE (`clip`), sigmoid (`siglip`) and Symile (`symile`, 3+ modalities), with hard negatives, exact
-gradients (custom autograd Functions that recompute tiles in backward) and distributed over a process
-group with O(B·D) communication (all-gathered columns, or a ring of column blocks that keeps each rank at
-O(B_local·D)). Each loss registers itself in `pipeline.registry.LOSSES`; the contract every loss keeps is
-in `pipeline.losses.base`. Knows nothing about models or training.
+
+Three layers, one folder each, each depending only on the ones below it:
+- `objectives/`: what a researcher edits. InfoNCE (`clip`, with hard negatives and HN-NCE), sigmoid
+  (`siglip`), Symile (`symile`, 3+ modalities), the global contrastive loss (`global_clip`) and mined
+  negatives; each a functional loss plus its registered module and config section.
+- `tiles/`: the engines that make the logits one tile at a time with exact gradients (custom autograd
+  Functions that recompute tiles in backward), the fused tile kernels, and one `TileSpec` that says how.
+- `comm.py` (collectives: gather with gradient, the ring of column blocks, row fetches) and
+  `sample_table.py` (per-sample state sharded over ranks).
+`base.py` is the contract every loss keeps; `config.py` the keys every loss section has. Knows nothing
+about models or training.
 """
-from pipeline.losses import global_clip  # noqa: F401  (registers global_clip)
 from pipeline.losses.base import ContrastiveLoss
-from pipeline.losses.clip import clip_loss
-from pipeline.losses.siglip import siglip_loss
-from pipeline.losses.symile import symile_loss
+from pipeline.losses.objectives.clip import clip_loss
+from pipeline.losses.objectives.siglip import siglip_loss
+from pipeline.losses.objectives.symile import symile_loss
 from pipeline.registry import LOSSES
 
 
 def build_loss(cfg, group=None, seed: int = 0, num_samples: int | None = None) -> ContrastiveLoss:
-    """The registered loss for a `loss:` section (a LossSection subclass, e.g. from `loss_config`);
-    losses registered with `needs_index` also get the dataset's sample count."""
-    entry = LOSSES.get(cfg.kind, "loss.kind")
-    extra = {"num_samples": num_samples} if entry.info.get("needs_index") else {}
-    return entry.obj(cfg, group=group, seed=seed, **extra)
+    """The registered loss for a `loss:` section (a LossSection subclass, e.g. from `loss_config`); a loss
+    that requires "sample_index" also gets the dataset's sample count."""
+    cls = LOSSES.get(cfg.kind, "loss.kind").obj
+    extra = {"num_samples": num_samples} if "sample_index" in cls.requires else {}
+    return cls(cfg, group=group, seed=seed, **extra)
 
 
 def loss_config(kind: str, **options):

@@ -1,7 +1,7 @@
 """The loss contract, and the base classes every registered loss builds on.
 
 A loss is an `nn.Module` registered with `@LOSSES.register(kind, config=ItsConfig)`; the trainer builds
-it from the config's `loss:` section (`ItsConfig`, a subclass of `pipeline.config.LossSection`) and
+it from the config's `loss:` section (`ItsConfig`, a subclass of `pipeline.losses.config.LossSection`) and
 calls it once per step on the features of the whole local batch. What every loss must keep:
 
 Inputs: `forward(features, step)`. `features` (pipeline.batch.Features) holds, per modality, this
@@ -10,8 +10,13 @@ that modality for the other modalities' anchors; `"logit_scale"` (already expone
 `"logit_bias"` (when the model has one). `step` is the same on every rank: seed any per-step
 randomness from it (`self.seed` and `step`), so all ranks draw the same and a resumed run draws
 what it would have. `index` ([n] long) holds the rows' global sample indices (shard order and
-per-shard counts; -1 where the counts are unknown), for losses that keep per-sample state; such a
-loss registers with `needs_index=True` and the trainer refuses data without counts in one line.
+per-shard counts; -1 where the counts are unknown), for losses that keep per-sample state.
+
+Needs: a loss declares what it needs from the rest of the pipeline in `requires` (a class attribute):
+"sample_index" (the trainer then refuses data without per-shard counts in one line and passes the
+dataset's sample count as `num_samples=`), "logit_bias" (the config must set model.init_logit_bias).
+Optimizer groups it wants for the model's parameters (e.g. its own learning rate for the logit scale)
+come from `param_groups(model)`; training reads these two, never a loss's own config keys.
 
 Output: a scalar, the GLOBAL loss over every rank's rows, identical on every rank (fp32 for bf16/fp16
 features: statistics are kept in fp32; feature gradients come back in the features' dtype). Its autograd
@@ -38,21 +43,30 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.batch import Features, modalities_of
-from pipeline.config import LossSection
+from pipeline.losses.config import LossSection
 
 
 class ContrastiveLoss(nn.Module):
+    requires: frozenset[str] = frozenset()  # "sample_index", "logit_bias": see the module docstring
+
     def __init__(self, cfg: LossSection, group=None, seed: int = 0):
         super().__init__()
         self.cfg, self.group, self.seed = cfg, group, seed
-        # what every functional loss takes: precision, how columns cross ranks, and the ranks
-        self.options = {"compute_dtype": cfg.compute_dtype, "distributed": cfg.distributed, "group": group}
+        # what every functional loss takes from the common keys: tile size, precision, how columns cross
+        # ranks, and the ranks (pipeline.losses.tiles.TileSpec.resolve); pass them all with **self.options
+        self.options = {"chunk_size": cfg.chunk_size, "compute_dtype": cfg.compute_dtype,
+                        "distributed": cfg.distributed, "group": group}
 
     def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def step_end(self, finite: bool) -> None:
         """Make this step's state updates final (finite) or drop them; stateless losses have none."""
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """Optimizer groups (torch's dicts: "params" plus options such as "lr") for model parameters this loss
+        wants treated apart; the engine puts every other parameter in its decay / no-decay groups."""
+        return []
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters the loss itself learns and steps (e.g. per-sample temperatures), outside the model."""
@@ -74,14 +88,14 @@ class ContrastiveLoss(nn.Module):
 class PairwiseLoss(ContrastiveLoss):
     """A two-modality loss averaged over every pair of modalities. Hard negatives `<m>_neg` are extra
     candidates for the anchors of the pair's other modality; with `mined_negatives` in the config, each
-    step adds mined and mixed ones (pipeline.losses.mined), drawn from a generator seeded by (seed, step)."""
+    step adds mined and mixed ones (objectives.mined_negatives), drawn from a generator seeded by (seed, step)."""
 
     def __init__(self, cfg: LossSection, group=None, seed: int = 0):
         super().__init__(cfg, group, seed)
         options = getattr(cfg, "mined_negatives", None)
         self.miner = None
         if options is not None:
-            from pipeline.losses.mined import MinedNegatives
+            from pipeline.losses.objectives.mined_negatives import MinedNegatives
 
             self.miner = MinedNegatives(**options.model_dump(), chunk_size=cfg.chunk_size, group=group,
                                         distributed=cfg.distributed)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.losses.distributed import rank_and_world
+from pipeline.losses.comm import rank_and_world
 
 
 class _AllToAll(torch.autograd.Function):

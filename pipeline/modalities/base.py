@@ -6,7 +6,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-from pipeline.config import Section
+from pipeline.section import Section
 
 
 class Skip(Exception):

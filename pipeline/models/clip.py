@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.batch import Batch, Features
-from pipeline.config import ModelConfig
+from pipeline.models.config import ModelConfig
 from pipeline.models.towers import Tower, build_tower
 
 MAX_LOG_SCALE = math.log(100.0)  # as in CLIP: a multiplier above 100 destabilises training

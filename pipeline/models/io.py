@@ -12,10 +12,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.integrity import MANIFEST, newest_verified, verify
 from pipeline.models.clip import MultiModalCLIP, build_model
+from pipeline.models.config import ModelConfig
 from pipeline.registry import import_plugins
 
 WEIGHTS = "model.safetensors"

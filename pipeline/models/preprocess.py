@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.config import DataConfig
+from pipeline.data.config import DataConfig
 from pipeline.registry import MODALITIES
 
 

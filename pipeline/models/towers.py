@@ -12,11 +12,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pipeline.config import TowerConfig
 from pipeline.errors import UserError
 from pipeline.modalities.audio import AudioPreprocess
 from pipeline.modalities.image import ImagePreprocess, normalize_uint8
 from pipeline.modalities.text import TextPreprocess
+from pipeline.models.config import TowerConfig
 from pipeline.registry import TOWERS
 
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterator
 
-from pipeline.config import DataConfig
+from pipeline.data.config import DataConfig
 from pipeline.data.sources import expand_spec, shard_sizes
 from pipeline.errors import UserError
 

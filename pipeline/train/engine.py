@@ -20,18 +20,16 @@ from pipeline.errors import UserError
 NO_DECAY_KEYS = ("logit_scale", "logit_bias", "missing", "embedding", "cls_token", "class_embedding")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, temperature_lr: float | None = None) -> list[dict]:
-    """Decay / no-decay groups; with `temperature_lr` (a loss's option) the logit scale gets its own group."""
-    decay, no_decay, scale = [], [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, loss_groups: list[dict] = ()) -> list[dict]:
+    """Decay / no-decay groups, then the groups the loss asks for (`ContrastiveLoss.param_groups`), whose
+    parameters are left out of the first two."""
+    claimed = {id(p) for group in loss_groups for p in group["params"]}
+    decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if temperature_lr and name == "logit_scale":
-            scale.append(p)
-        else:
+        if p.requires_grad and id(p) not in claimed:
             (no_decay if p.ndim < 2 or any(k in name for k in NO_DECAY_KEYS) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return groups + ([{"params": scale, "weight_decay": 0.0, "lr": temperature_lr}] if scale else [])
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+            *loss_groups]
 
 
 def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -88,11 +86,11 @@ class Engine:
     """The one interface the loop uses: encode, backward, step (or skip), train/eval mode. DeepSpeed is behind
     it (`ds`, for checkpointing), so the loop never knows the ZeRO stage, the device or the precision."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int, loss_groups: list[dict] = ()):
         import deepspeed
 
         o = cfg.optim
-        groups = param_groups(model, o.weight_decay, getattr(cfg.loss, "temperature_lr", None))
+        groups = param_groups(model, o.weight_decay, loss_groups)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
                                       eps=o.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -116,7 +116,7 @@ def require_sample_counts(cfg: RunConfig) -> int | None:
     from pipeline.data.sources import expand_spec, shard_sizes
     from pipeline.registry import LOSSES
 
-    if not LOSSES.get(cfg.loss.kind, "loss.kind").info.get("needs_index"):
+    if "sample_index" not in LOSSES.get(cfg.loss.kind, "loss.kind").obj.requires:
         return None
     urls = [u for s in expand_spec(cfg.data.train, cfg.data.train_weights) for u in s.urls]
     sizes = shard_sizes(urls)
@@ -154,7 +154,7 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
         model = build_model(cfg.model)
         group = dist.group.WORLD if world > 1 else None
         loss_module = build_loss(cfg.loss, group=group, seed=cfg.train.seed, num_samples=num_samples)
-        engine = Engine(model, cfg, world)
+        engine = Engine(model, cfg, world, loss_module.param_groups(model))
         preprocess = tower_preprocessors(model, cfg.data, train=True)
 
         def make_loader(at_step: int, epoch: int):

@@ -1,15 +1,16 @@
 """Symile: contrastive learning over 3+ modalities with the multilinear inner product."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal, Sequence
 
 import torch
 
 from pipeline.batch import Features, modalities_of
-from pipeline.config import LossSection
 from pipeline.losses.base import ContrastiveLoss
-from pipeline.losses.distributed import gather_with_grad, global_sum, permuted_rows, rank_and_world, use_ring
-from pipeline.losses.tiled import LogDenominators, TupleLogDenominators, default_chunk, gemm_dtype, stat_dtype
+from pipeline.losses.comm import gather_with_grad, global_sum, permuted_rows
+from pipeline.losses.config import LossSection
+from pipeline.losses.tiles import LogDenominators, TileSpec, TupleLogDenominators, accumulator_dtype
 from pipeline.registry import LOSSES
 
 
@@ -31,11 +32,13 @@ def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, 
         raise ValueError(f"symile_loss needs at least 2 modalities, got {len(features)}")
     if negatives not in ("n", "n_squared"):
         raise ValueError(f"negatives must be 'n' or 'n_squared', got {negatives!r}")
-    chunk = chunk_size or default_chunk(features[0].device)
-    stat = stat_dtype(features[0])
-    features = [f.to(gemm_dtype(f, compute_dtype)) for f in features]  # tuple products in the GEMM dtype too
-    ring = use_ring(distributed, group) and negatives == "n"
-    n_global = features[0].shape[0] * rank_and_world(group)[1]
+    spec = TileSpec.resolve(features[0].device, chunk_size, compute_dtype, distributed, group)
+    if negatives == "n_squared":  # every tuple of every rank's rows is a candidate: the columns are gathered
+        spec = replace(spec, ring=False)
+    stat = accumulator_dtype(features[0])
+    features = [f.to(spec.gemm_dtype(f)) for f in features]  # tuple products in the GEMM dtype too
+    ring = spec.ring
+    n_global = features[0].shape[0] * spec.world
     gathered = None if ring else [gather_with_grad(f, group) for f in features]
     total = None
     for m, anchor in enumerate(features):
@@ -52,11 +55,10 @@ def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, 
             for o in sources:
                 perm = torch.randperm(n_global, generator=generator).to(o.device)
                 candidates = candidates * (permuted_rows(o, perm, group) if ring else o[perm])
-            dens = LogDenominators.apply(anchor, candidates, logit_scale, positives, None, 1.0, 0.0, False, chunk,
-                                         group, compute_dtype, ring)
+            dens = LogDenominators.apply(anchor, candidates, logit_scale, positives, None, 1.0, 0.0, False, spec)
         else:
             others = [g for k, g in enumerate(gathered) if k != m]
-            dens = TupleLogDenominators.apply(anchor, logit_scale, positives, chunk, group, compute_dtype, *others)
+            dens = TupleLogDenominators.apply(anchor, logit_scale, positives, spec, *others)
         loss = dens - positives.to(dens.dtype).sum()
         total = loss if total is None else total + loss
     return global_sum(total, group) / (n_global * len(features))
@@ -75,5 +77,4 @@ class SymileLoss(ContrastiveLoss):
     def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         return symile_loss([features[m] for m in modalities_of(features)], features["logit_scale"],
-                           negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size, generator=generator,
-                           **self.options)
+                           negatives=self.cfg.negatives, generator=generator, **self.options)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.train.bench import ROOT, _env
+from pipeline.bench.train import ROOT, subprocess_env
 
 SMALL = {"data.batch_size": 32, "optim.total_steps": 1200, "optim.warmup_steps": 80, "train.checkpoint_every": 1200,
          "train.log_every": 100}
@@ -40,7 +40,7 @@ METRICS = ("fashion_mnist/acc1", "fashion_mnist_retrieval/image_retrieval_recall
 def train_and_score(overrides: dict, seed: int, out: Path) -> dict:
     sets = [f"{k}={v}" for k, v in {"output_dir": out, "train.seed": seed, **overrides}.items()]
     cmd = [sys.executable, "-m", "pipeline", "train", "configs/demo.yaml", *sum((["--set", s] for s in sets), [])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"training failed: {proc.stderr.strip().splitlines()[-1]}")
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]

@@ -18,38 +18,9 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from pipeline.config import Section
-from pipeline.losses.distributed import Ring, fetch_rows, gather_rows, rank_and_world, use_ring
-from pipeline.losses.tiled import NEG_INF, default_chunk, diagonal_mask, spans, stat_dtype
-
-
-@torch.no_grad()
-def top_k_negatives(a: torch.Tensor, b: torch.Tensor, k: int, *, chunk_size: int | None = None,
-                    group=None, ring: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(similarities, global column indices) [n, k] of each local row's k most similar columns but its own.
-
-    `b`: all N columns (gathered), or with `ring` this rank's, the others passing by around the ring."""
-    rank, world = rank_and_world(group)
-    n = a.shape[0]
-    N = n * world if ring else b.shape[0]
-    if not 0 < k < N:
-        raise ValueError(f"top_k must be in [1, {N - 1}] for a global batch of {N}, got {k}")
-    chunk = chunk_size or default_chunk(a.device)
-    acc = stat_dtype(a)
-    af = a.to(acc)
-    values = torch.full((n, k), NEG_INF, dtype=acc, device=af.device)
-    indices = torch.zeros((n, k), dtype=torch.long, device=af.device)
-    for col_offset, (block,) in Ring([b.to(acc)], group, enabled=ring, part_rows=chunk):
-        for i0, i1 in spans(n, chunk):
-            for j0, j1 in spans(block.shape[0], chunk):
-                z = af[i0:i1] @ block[j0:j1].T
-                mask = diagonal_mask(i0 + rank * n, i1 + rank * n, j0 + col_offset, j1 + col_offset, af.device)
-                if mask is not None:
-                    z = z.masked_fill(mask, NEG_INF)
-                cols = torch.arange(j0 + col_offset, j1 + col_offset, device=af.device).expand(i1 - i0, -1)
-                values[i0:i1], pick = torch.topk(torch.cat([values[i0:i1], z], 1), k, dim=1)
-                indices[i0:i1] = torch.gather(torch.cat([indices[i0:i1], cols], 1), 1, pick)
-    return values, indices
+from pipeline.losses.comm import fetch_rows, gather_rows
+from pipeline.losses.tiles import TileSpec, accumulator_dtype, top_k_negatives
+from pipeline.section import Section
 
 
 @dataclass
@@ -80,7 +51,7 @@ def mix_negatives(anchors: torch.Tensor, rows_of, top: torch.Tensor, draws: Mixi
     Only the chosen rows are fetched (never the [n, k, D] block of all top-k candidates) and
     mixed in place in the output, so the peak is the output plus one fetched block.
     """
-    acc = stat_dtype(anchors)
+    acc = accumulator_dtype(anchors)
     s = draws.alpha.shape[1]
     out = torch.empty((top.shape[0], s + draws.beta.shape[1], anchors.shape[1]), dtype=acc, device=anchors.device)
 
@@ -108,18 +79,17 @@ class MinedNegatives:
         if top_k < 1 or mixed < 0 or mix_with_anchor < 0 or mixed + mix_with_anchor == 0:
             raise ValueError("mined negatives need top_k >= 1 and mixed + mix_with_anchor >= 1")
         self.top_k, self.mixed, self.with_anchor, self.start_step = top_k, mixed, mix_with_anchor, start_step
-        self.chunk_size, self.group, self.ring = chunk_size, group, use_ring(distributed, group)
+        self.chunk_size, self.group, self.distributed = chunk_size, group, distributed
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor | None:
         if step < self.start_step:
             return None
-        rank, world = rank_and_world(self.group)
-        n, b = a.shape[0], b.detach()
-        columns = b if self.ring else gather_rows(b, self.group)
-        _, top = top_k_negatives(a.detach(), columns, self.top_k, chunk_size=self.chunk_size, group=self.group,
-                                 ring=self.ring)
-        rows_of = (lambda idx: fetch_rows(b, idx, self.group)) if self.ring else columns.__getitem__
-        draws = MixingDraws.draw(generator, n * world, self.top_k, self.mixed, self.with_anchor)
+        spec = TileSpec.resolve(a.device, self.chunk_size, distributed=self.distributed, group=self.group)
+        rank, n, b = spec.rank, a.shape[0], b.detach()
+        columns = b if spec.ring else gather_rows(b, self.group)
+        _, top = top_k_negatives(a.detach(), columns, self.top_k, spec)
+        rows_of = (lambda idx: fetch_rows(b, idx, self.group)) if spec.ring else columns.__getitem__
+        draws = MixingDraws.draw(generator, n * spec.world, self.top_k, self.mixed, self.with_anchor)
         return mix_negatives(a.detach(), rows_of, top, draws.rows(rank * n, rank * n + n)).to(b.dtype)
 
 

@@ -20,9 +20,10 @@ PROBE = r"""
 import json, sys, time, torch
 import torch.nn.functional as F
 from pipeline.losses import clip_loss, siglip_loss
-from pipeline.losses.global_clip import GlobalClipLoss
-from pipeline.losses.mined import MinedNegatives, top_k_negatives
-from pipeline.losses.bench import PeakMemory
+from pipeline.losses.objectives.global_clip import GlobalClipLoss
+from pipeline.losses.objectives.mined_negatives import MinedNegatives
+from pipeline.losses.tiles import TileSpec, top_k_negatives
+from pipeline.bench.loss import PeakMemory
 impl, B, D, K, S, S2 = sys.argv[1], *map(int, sys.argv[2:7])
 torch.manual_seed(0)
 a, b = (F.normalize(torch.randn(B, D), dim=-1).requires_grad_() for _ in range(2))
@@ -33,7 +34,7 @@ gcl = GlobalClipLoss(10 * B, temperature=impl.split("_")[-1]) if impl.startswith
 mined = MinedNegatives(top_k=K, mixed=S, mix_with_anchor=S2)
 def step(a, b, indices):
     if impl == "top_k_sweep":  # the mining sweep alone: no loss, no backward
-        values, _ = top_k_negatives(a, b, K)
+        values, _ = top_k_negatives(a, b, K, TileSpec.resolve(a.device))
         return values.sum().requires_grad_()
     if gcl is not None:
         loss = gcl(a, b, scale, indices, step=0)

@@ -19,85 +19,13 @@ import torch
 from pydantic import Field, model_validator
 
 from pipeline.batch import Features, modalities_of
-from pipeline.config import LossSection
 from pipeline.errors import UserError
 from pipeline.losses.base import ContrastiveLoss
-from pipeline.losses.distributed import Ring, gather_rows, gather_with_grad, rank_and_world, sum_ranks, use_ring
+from pipeline.losses.comm import gather_with_grad, rank_and_world, sum_ranks
+from pipeline.losses.config import LossSection
 from pipeline.losses.sample_table import SampleTable
-from pipeline.losses.tiled import NEG_INF, default_chunk, diagonal_mask, spans, stat_dtype
+from pipeline.losses.tiles import AnchorLogSumExp, TileSpec, accumulator_dtype
 from pipeline.registry import LOSSES
-
-
-class AnchorLogSumExp(torch.autograd.Function):
-    """Per-anchor log Σ_{j≠i} exp(scale_anchor · a_i·b_j) over the global batch, rows and columns.
-
-    Inputs: local rows `a` [n, D] and their scales [n]; columns `b` and their scales: all N of
-    them (gathered by the caller), or with `ring` this rank's n, the others passing by around the
-    ring with their column statistics and gradient accumulators (as in tiled.LogDenominators).
-    Returns this rank's row LSEs [n] and the LSEs of its own columns [n] (rank·n … rank·n+n−1).
-    Backward takes per-anchor weights for both and recomputes every tile.
-    """
-
-    @staticmethod
-    def forward(ctx, a, b, row_scale, col_scale, chunk, group, ring):
-        rank, _ = rank_and_world(group)
-        n = a.shape[0]
-        offset = rank * n
-        acc = stat_dtype(a)
-        af, rs = a.detach().to(acc), row_scale.detach().to(acc)[:, None]
-        rows = torch.full((n,), NEG_INF, dtype=acc, device=af.device)
-        blocks = Ring([b.detach().to(acc), col_scale.detach().to(acc)], group, enabled=ring, part_rows=chunk)
-        for col_offset, (block, cs) in blocks:
-            cols, = blocks.take(lambda m=block.shape[0]: [torch.full((m,), NEG_INF, dtype=acc, device=af.device)])
-            for i0, i1, j0, j1, z, mask in _tiles(af, block, chunk, offset, col_offset):
-                zr, zc = rs[i0:i1] * z, cs[None, j0:j1] * z
-                if mask is not None:
-                    zr, zc = zr.masked_fill(mask, NEG_INF), zc.masked_fill(mask, NEG_INF)
-                rows[i0:i1] = torch.logaddexp(rows[i0:i1], torch.logsumexp(zr, 1))
-                cols[j0:j1] = torch.logaddexp(cols[j0:j1], torch.logsumexp(zc, 0))
-            blocks.give([cols])
-        cols, = blocks.carried  # ring: this rank's columns; gather: all N, combined over ranks here
-        if group is not None and not ring:
-            cols = torch.logsumexp(gather_rows(cols[None], group), 0)
-        ctx.save_for_backward(a, b, row_scale, col_scale, rows, cols)
-        ctx.cfg = (chunk, group, offset, ring)
-        return rows, (cols if ring else cols[offset:offset + n]).clone()
-
-    @staticmethod
-    def backward(ctx, g_rows, g_cols):
-        a, b, row_scale, col_scale, rows, cols = ctx.saved_tensors
-        chunk, group, offset, ring = ctx.cfg
-        acc = stat_dtype(a)
-        af, rs = a.detach().to(acc), row_scale.detach().to(acc)[:, None]
-        w_rows = g_rows.to(acc)[:, None]
-        w_cols = g_cols.to(acc).contiguous() if ring else gather_rows(g_cols.to(acc).contiguous(), group)
-        ga, g_rs = torch.zeros_like(af), torch.zeros_like(rs)
-        blocks = Ring([b.detach().to(acc), col_scale.detach().to(acc), cols, w_cols], group, enabled=ring,
-                      part_rows=chunk)
-        for col_offset, (block, cs, lse, w) in blocks:
-            gb, g_cs = blocks.take(lambda x=block: [torch.zeros_like(x), x.new_zeros(x.shape[0])])
-            for i0, i1, j0, j1, z, mask in _tiles(af, block, chunk, offset, col_offset):
-                pr = w_rows[i0:i1] * torch.exp(rs[i0:i1] * z - rows[i0:i1, None])
-                pc = w[None, j0:j1] * torch.exp(cs[None, j0:j1] * z - lse[None, j0:j1])
-                if mask is not None:
-                    pr, pc = pr.masked_fill(mask, 0.0), pc.masked_fill(mask, 0.0)
-                g_rs[i0:i1] += (pr * z).sum(1, keepdim=True)
-                g_cs[j0:j1] += (pc * z).sum(0)
-                dz = pr * rs[i0:i1] + pc * cs[None, j0:j1]
-                ga[i0:i1] += dz @ block[j0:j1]
-                gb[j0:j1] += dz.T @ af[i0:i1]
-            blocks.give([gb, g_cs])
-        gb, g_cs = blocks.carried
-        return (ga.to(a.dtype), gb.to(b.dtype), g_rs[:, 0].to(row_scale.dtype), g_cs.to(col_scale.dtype),
-                None, None, None)
-
-
-def _tiles(af, bf, chunk, offset, col_offset):
-    """Yield (i0, i1, j0, j1, cosine tile, positive mask or None) over local rows × one column block."""
-    for i0, i1 in spans(af.shape[0], chunk):
-        for j0, j1 in spans(bf.shape[0], chunk):
-            yield (i0, i1, j0, j1, af[i0:i1] @ bf[j0:j1].T,
-                   diagonal_mask(i0 + offset, i1 + offset, j0 + col_offset, j1 + col_offset, af.device))
 
 
 def moving_average(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -138,9 +66,10 @@ def global_clip_loss(a: torch.Tensor, b: torch.Tensor, image_scale: torch.Tensor
     Features of any float dtype; statistics in fp32 (fp64 stays fp64).
     """
     n = a.shape[0]
-    acc = stat_dtype(a)
-    ring = use_ring(distributed, group)
-    N = n * rank_and_world(group)[1]
+    acc = accumulator_dtype(a)
+    spec = TileSpec.resolve(a.device, chunk_size, "fp32", distributed, group)
+    ring = spec.ring
+    N = n * spec.world
     s_img = image_scale.to(acc).expand(n)
     s_txt = text_scale.to(acc).expand(n)
     if ring:
@@ -148,8 +77,7 @@ def global_clip_loss(a: torch.Tensor, b: torch.Tensor, image_scale: torch.Tensor
     else:
         columns = gather_with_grad(b, group)
         column_scales = gather_with_grad(s_txt, group) if text_scale.dim() else text_scale.to(acc).expand(N)
-    row_lse, col_lse = AnchorLogSumExp.apply(a, columns, s_img, column_scales, chunk_size or default_chunk(a.device),
-                                             group, ring)
+    row_lse, col_lse = AnchorLogSumExp.apply(a, columns, s_img, column_scales, spec)
     positives = (a.to(acc) * b.to(acc)).sum(-1)
     surrogate, value, new_u = [], [], []
     for lse, scale, log_u in ((row_lse, s_img, log_u_image), (col_lse, s_txt, log_u_text)):
@@ -277,7 +205,7 @@ class GlobalClipConfig(LossSection):
         return self
 
 
-@LOSSES.register("global_clip", config=GlobalClipConfig, needs_index=True)
+@LOSSES.register("global_clip", config=GlobalClipConfig)
 class GlobalClip(ContrastiveLoss):
     """The registered `global_clip` loss over two modalities: `GlobalClipLoss` behind the loss contract.
 
@@ -285,6 +213,8 @@ class GlobalClip(ContrastiveLoss):
     per-sample temperatures are its state (saved per rank, restored into any number of ranks); a
     step's updates are kept by `step_end(True)` only. Per-sample temperatures are stepped by their
     own SparseAdam here, outside the engine (each rank holds a shard: nothing to all-reduce)."""
+
+    requires = frozenset({"sample_index"})
 
     def __init__(self, cfg: GlobalClipConfig, group=None, seed: int = 0, num_samples: int | None = None):
         super().__init__(cfg, group, seed)
@@ -296,6 +226,12 @@ class GlobalClip(ContrastiveLoss):
                                   chunk_size=cfg.chunk_size, group=group, distributed=cfg.distributed)
         taus = self.gcl.temperature_parameters()
         self.tau_optimizer = torch.optim.SparseAdam(taus, lr=cfg.temperature_lr) if taus else None
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        """With `temperature_lr`, the model's logit scale learns at that rate, without weight decay."""
+        if self.cfg.temperature_lr is None:
+            return []
+        return [{"params": [model.get_parameter("logit_scale")], "weight_decay": 0.0, "lr": self.cfg.temperature_lr}]
 
     def exported_logit_scale(self) -> float | None:
         """With per-sample temperatures, log(1/mean τ) over the samples seen (global: the model's own)."""

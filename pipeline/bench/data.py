@@ -8,7 +8,7 @@ measured for mmclip alone. Worker counts are swept, since on few cores the loade
 itself for them. Every cell is the median of `repeats` runs, interleaved.
 
 Two data sets: the demo shards (default), and with `--realistic` the synthesised photo-like JPEGs and
-10-s / 60-s 48 kHz stereo FLACs of pipeline.data.realistic (10-s crops from each: the crop's cost
+10-s / 60-s 48 kHz stereo FLACs of pipeline.bench.realistic_data (10-s crops from each: the crop's cost
 should not depend on the file's length).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import DataConfig
+from pipeline.data.config import DataConfig
 from pipeline.registry import MODALITIES
 
 WARMUP_BATCHES = 3
@@ -96,7 +96,7 @@ def run_data_bench(shards: str | None, batch_size: int, workers: list[int], n_ba
 
 def run_realistic_data_bench(summary: dict, setup: tuple, batch_size: int, audio_batch_size: int,
                              workers: list[int], n_batches: int, out_dir: str, repeats: int = 3) -> dict:
-    """The realistic sets (`summary` from pipeline.data.realistic.build_realistic): image+text at the setup's
+    """The realistic sets (`summary` from pipeline.bench.realistic_data.build_realistic): image+text at the setup's
     image size, both loaders; and 10-s audio crops (the setup's data.audio) from 10-s and from 60-s files."""
     images = summary["images"]
     measures = {
@@ -108,7 +108,7 @@ def run_realistic_data_bench(summary: dict, setup: tuple, batch_size: int, audio
             lambda w, spec=summary[f"audio{seconds}"]: _ours(spec, ["audio", "text"], setup, audio_batch_size, w,
                                                              n_batches))
     audio = setup[1].modality("audio")
-    report = {"shards": "data/shards/realistic (pipeline.data.realistic)", "batch_size": batch_size,
+    report = {"shards": "data/shards/realistic (pipeline.bench.realistic_data)", "batch_size": batch_size,
               "audio_batch_size": audio_batch_size, "batches": n_batches, "mean_jpeg_kb": summary["mean_jpeg_kb"],
               "image_size": setup[0]["image"].image_size,
               "audio_crop": f"{audio.seconds:g} s at {audio.sample_rate} Hz, mono, {audio.crops} crop(s)"}
@@ -149,7 +149,8 @@ def markdown_table(r: dict) -> str:
     extra = "".join(f", {k.replace('_', ' ')} {r[k]}" for k in ("image_size", "mean_jpeg_kb", "audio_batch_size",
                                                                 "audio_crop") if k in r)
     lines = [f"Shards `{r['shards']}`, batch {r['batch_size']}{extra}, {r['batches']} batches after "
-             f"warm-up ({WARMUP_BATCHES} batches; mmclip's until its shuffle buffers are full), {r['cpus']} CPU cores; median of {r['repeats']} interleaved runs; per "
+             f"warm-up ({WARMUP_BATCHES} batches; mmclip's until its shuffle buffers are full), {r['cpus']} CPU cores; "
+             f"median of {r['repeats']} interleaved runs; per "
              f"core = samples/s ÷ {r['cpus']}. open_clip's loader reads image+text only.", "",
              "| modalities | workers | mmclip samples/s | per core | open_clip samples/s | per core | mmclip ÷ open_clip |",
              "|---|---|---|---|---|---|---|"]

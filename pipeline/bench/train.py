@@ -31,7 +31,7 @@ main(sys.argv[2:])
 """
 
 
-def _env(extra: dict | None = None) -> dict:
+def subprocess_env(extra: dict | None = None) -> dict:
     return {**os.environ, "MMCLIP_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
@@ -45,7 +45,7 @@ sys.exit(code)
 
 def _run_measured(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[int, str]:
     """Run a command; return (peak RSS of its largest process in MiB, or -1 if it failed; its output)."""
-    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=cwd, env=_env(env), capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", MEASURE, *cmd], cwd=cwd, env=subprocess_env(env), capture_output=True,
                           text=True)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -230,7 +230,7 @@ def plot(r: dict, path: Path) -> None:
 
 def run_realistic_train_bench(config: str = "configs/bench_realistic.yaml", batch: int = 32, steps: int = 8,
                               workers: int = 1, out_dir: str = "docs/bench", repeats: int = 3) -> dict:
-    """mmclip vs open_clip_train on the realistic JPEGs (pipeline.data.realistic), fp32 and bf16 (open_clip's
+    """mmclip vs open_clip_train on the realistic JPEGs (pipeline.bench.realistic_data), fp32 and bf16 (open_clip's
     amp_bf16): samples/s (steady state) and peak RSS, each the median of `repeats` interleaved runs."""
     cfg = load_config(config)
     out = Path(out_dir)

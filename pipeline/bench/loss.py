@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from symile import Symile
 from pipeline.losses import clip_loss, siglip_loss, symile_loss
-from pipeline.losses.bench import PeakMemory
+from pipeline.bench.loss import PeakMemory
 kind, impl, dtype, B, D, check = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "1"
 if int(sys.argv[7]):
     torch.set_num_threads(int(sys.argv[7]))
@@ -148,7 +148,7 @@ def _status_bytes(key: str) -> int:
 
 
 REFERENCE = {"clip": "open_clip ClipLoss", "siglip": "open_clip SigLipLoss", "symile": "symile.Symile('n')"}
-TILE = 1024  # pipeline.losses.tiled.default_chunk on CPU
+TILE = 1024  # pipeline.losses.tiles.default_chunk on CPU
 CHECK_MAX_BATCH = 8192  # float64 re-evaluation for the precision columns stays affordable up to here
 
 

@@ -5,12 +5,12 @@ from typing import Literal, Optional
 
 import torch
 
-from pipeline.config import LossSection
 from pipeline.errors import UserError
 from pipeline.losses.base import PairwiseLoss
-from pipeline.losses.distributed import gather_with_grad, global_sum, rank_and_world, use_ring
-from pipeline.losses.mined import MinedNegativesConfig
-from pipeline.losses.tiled import SigmoidPairs, default_chunk
+from pipeline.losses.comm import gather_with_grad, global_sum
+from pipeline.losses.config import LossSection
+from pipeline.losses.objectives.mined_negatives import MinedNegativesConfig
+from pipeline.losses.tiles import SigmoidPairs, TileSpec
 from pipeline.registry import LOSSES
 
 
@@ -24,10 +24,10 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
     With `group`, each rank passes its local rows; every rank returns the GLOBAL loss value, and
     gradients flow only into this rank's share (summed over ranks: the single-process gradient).
     """
-    ring = use_ring(distributed, group)
-    local = SigmoidPairs.apply(a, b if ring else gather_with_grad(b, group), logit_scale, logit_bias, hard_negatives,
-                               chunk_size or default_chunk(a.device), group, compute_dtype, ring)
-    return global_sum(local, group) / (a.shape[0] * rank_and_world(group)[1])
+    spec = TileSpec.resolve(a.device, chunk_size, compute_dtype, distributed, group)
+    local = SigmoidPairs.apply(a, b if spec.ring else gather_with_grad(b, group), logit_scale, logit_bias,
+                               hard_negatives, spec)
+    return global_sum(local, group) / (a.shape[0] * spec.world)
 
 
 class SiglipConfig(LossSection):
@@ -35,10 +35,12 @@ class SiglipConfig(LossSection):
     mined_negatives: Optional[MinedNegativesConfig] = None
 
 
-@LOSSES.register("siglip", config=SiglipConfig, needs_logit_bias=True)
+@LOSSES.register("siglip", config=SiglipConfig)
 class SiglipLoss(PairwiseLoss):
+    requires = frozenset({"logit_bias"})
+
     def pair_loss(self, a, b, negatives, features):
         if features.get("logit_bias") is None:
             raise UserError("loss.kind 'siglip' needs a logit bias: set model.init_logit_bias (SigLIP uses -10)")
-        return siglip_loss(a, b, features["logit_scale"], features["logit_bias"], chunk_size=self.cfg.chunk_size,
-                           hard_negatives=negatives, **self.options)
+        return siglip_loss(a, b, features["logit_scale"], features["logit_bias"], hard_negatives=negatives,
+                           **self.options)

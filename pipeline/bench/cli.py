@@ -6,6 +6,9 @@ markdown table, JSON and (where it helps) a PNG under `--out` (default docs/benc
 from __future__ import annotations
 
 import argparse
+import importlib.util
+
+from pipeline.errors import UserError
 
 REALISTIC_CONFIG = "configs/bench_realistic.yaml"
 
@@ -35,7 +38,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     data.add_argument("--batches", type=int, default=None, help="timed batches per run (default 40; realistic 10)")
     data.add_argument("--realistic", action="store_true",
                       help="photo-like 480-800 px JPEGs at 224 px and 10-s crops of 10-s vs 60-s 48 kHz stereo FLACs, "
-                           "synthesised from data/ once into data/shards/realistic (pipeline.data.realistic)")
+                           "synthesised from data/ once into data/shards/realistic (pipeline.bench.realistic_data)")
     train = sub.add_parser("train", help="training samples/s and largest batch under a memory cap vs open_clip_train")
     train.add_argument("--config", default="configs/demo.yaml")
     train.add_argument("--batch", type=int, default=None, help="global batch (default 128; realistic 32)")
@@ -62,24 +65,32 @@ def tower_inputs(config: str) -> tuple[dict, object]:
     return {m: t.preprocess for m, t in build_model(cfg.model).towers.items()}, cfg.data
 
 
+def require_extra(module: str, purpose: str) -> None:
+    """The packages a bench compares against are an optional extra: one line naming it when absent."""
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{purpose} needs the {module!r} package, which mmclip's bench extra provides: "
+                        f"pip install 'mmclip[bench]'")
+
+
 def run_bench(args) -> int:
     if args.bench == "loss":
+        require_extra("symile", "mmclip bench loss (symile.Symile is its Symile reference)")
         if args.kind == "small_batch":
-            from pipeline.losses.bench_small_batch import run_small_batch_bench
+            from pipeline.bench.small_batch import run_small_batch_bench
 
             run_small_batch_bench(args.batch[0], args.dim, args.out, args.repeats)
         elif args.ranks > 1:
-            from pipeline.losses.bench_ranks import run_ranks_bench
+            from pipeline.bench.ranks import run_ranks_bench
 
             run_ranks_bench(args.kind, args.batch[0], args.dim, args.ranks, args.out, args.dtype, args.repeats)
         else:
-            from pipeline.losses.bench import run_loss_bench
+            from pipeline.bench.loss import run_loss_bench
 
             run_loss_bench(args.kind, args.batch, args.dim, args.out, dtype=args.dtype, repeats=args.repeats,
                            threads=args.threads)
     elif args.bench == "data" and args.realistic:
-        from pipeline.data.bench import run_realistic_data_bench
-        from pipeline.data.realistic import build_realistic
+        from pipeline.bench.data import run_realistic_data_bench
+        from pipeline.bench.realistic_data import build_realistic
         from pipeline.modalities.audio import AudioPreprocess
 
         summary = build_realistic(progress=False)
@@ -89,24 +100,24 @@ def run_bench(args) -> int:
         run_realistic_data_bench(summary, (towers, data), batch, max(1, batch // 4), args.workers, args.batches or 10,
                                  args.out, args.repeats)
     elif args.bench == "data":
-        from pipeline.data.bench import run_data_bench
+        from pipeline.bench.data import run_data_bench
 
         setups = {c: tower_inputs(c) for c in ("configs/demo.yaml", "configs/demo_symile.yaml")}
         run_data_bench(args.shards, args.batch_size or 256, args.workers, args.batches or 40, args.out, setups,
                        args.repeats)
     elif args.bench == "quality":
-        from pipeline.train.bench_quality import run_quality_bench
+        from pipeline.bench.quality import run_quality_bench
 
         run_quality_bench(args.study, args.seeds, args.out)
     elif args.realistic:
-        from pipeline.data.realistic import build_realistic
-        from pipeline.train.bench import run_realistic_train_bench
+        from pipeline.bench.realistic_data import build_realistic
+        from pipeline.bench.train import run_realistic_train_bench
 
         build_realistic(progress=False)
         run_realistic_train_bench(REALISTIC_CONFIG, batch=args.batch or 32, steps=args.steps or 8, out_dir=args.out,
                                   repeats=args.repeats)
     else:
-        from pipeline.train.bench import run_train_bench
+        from pipeline.bench.train import run_train_bench
 
         run_train_bench(args.config, batch=args.batch or 128, steps=args.steps or 30, mem_cap_mib=args.mem_cap_mib,
                         max_batch=args.max_batch, out_dir=args.out, repeats=args.repeats)

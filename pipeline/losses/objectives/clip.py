@@ -6,11 +6,11 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field
 
-from pipeline.config import LossSection
 from pipeline.losses.base import PairwiseLoss
-from pipeline.losses.distributed import gather_with_grad, global_sum, rank_and_world, use_ring
-from pipeline.losses.mined import MinedNegativesConfig
-from pipeline.losses.tiled import LogDenominators, default_chunk
+from pipeline.losses.comm import gather_with_grad, global_sum
+from pipeline.losses.config import LossSection
+from pipeline.losses.objectives.mined_negatives import MinedNegativesConfig
+from pipeline.losses.tiles import LogDenominators, TileSpec
 from pipeline.registry import LOSSES
 
 
@@ -24,7 +24,7 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, ch
     [B, K, D] are extra candidates for the a→b direction of each row (NegCLIP). α/β weight the
     negatives as in DiHT's HN-NCE (α=1, β=0: InfoNCE; α=0, β=0: DCL). `compute_dtype`: "auto"
     runs the tile GEMMs in the features' dtype (bf16/fp16), "fp32" casts them to fp32; statistics
-    are fp32 either way (see pipeline.losses.tiled).
+    are fp32 either way (see pipeline.losses.tiles.spec).
 
     With `group`, each rank passes its local rows; every rank returns the GLOBAL loss value, and
     gradients flow only into this rank's share, so summed over ranks they equal the
@@ -33,13 +33,11 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, ch
     gradient); "ring" passes column blocks around the ranks, so a rank holds O(B_local·D);
     "auto" rings from 3 ranks on.
     """
-    ring = use_ring(distributed, group)
-    columns = b if ring else gather_with_grad(b, group)
+    spec = TileSpec.resolve(a.device, chunk_size, compute_dtype, distributed, group)
+    columns = b if spec.ring else gather_with_grad(b, group)
     cross_entropies = LogDenominators.apply(a, columns, logit_scale, None, hard_negatives,
-                                            float(hard_negative_alpha), float(hard_negative_beta), True,
-                                            chunk_size or default_chunk(a.device), group, compute_dtype, ring)
-    local = 0.5 * cross_entropies
-    return global_sum(local, group) / (a.shape[0] * rank_and_world(group)[1])
+                                            float(hard_negative_alpha), float(hard_negative_beta), True, spec)
+    return global_sum(0.5 * cross_entropies, group) / (a.shape[0] * spec.world)
 
 
 class ClipConfig(LossSection):
@@ -52,6 +50,6 @@ class ClipConfig(LossSection):
 @LOSSES.register("clip", config=ClipConfig)
 class ClipLoss(PairwiseLoss):
     def pair_loss(self, a, b, negatives, features):
-        return clip_loss(a, b, features["logit_scale"], chunk_size=self.cfg.chunk_size, hard_negatives=negatives,
+        return clip_loss(a, b, features["logit_scale"], hard_negatives=negatives,
                          hard_negative_alpha=self.cfg.hard_negative_alpha,
                          hard_negative_beta=self.cfg.hard_negative_beta, **self.options)

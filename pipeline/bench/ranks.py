@@ -2,7 +2,7 @@
 
 Each rank holds B/W rows; a cell starts W fresh processes (torch threads: CPU cores ÷ W, at least
 one), each measuring, after a warm-up call, its peak allocated memory (`PeakMemory` of
-pipeline.losses.bench) above its inputs and their gradient buffers, and its forward+backward time
+pipeline.bench.loss) above its inputs and their gradient buffers, and its forward+backward time
 between two barriers. The report takes the largest rank of each cell and the median of `repeats`
 interleaved rounds.
 """
@@ -20,7 +20,7 @@ PROBE = r"""
 import json, os, sys, time, torch, torch.distributed as dist
 import torch.nn.functional as F
 from pipeline.losses import clip_loss, siglip_loss, symile_loss
-from pipeline.losses.bench import PeakMemory
+from pipeline.bench.loss import PeakMemory
 kind, mode, dtype, B, D, rank, world, port = sys.argv[1:4] + [int(x) for x in sys.argv[4:9]]
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

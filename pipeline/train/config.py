@@ -1,0 +1,49 @@
+"""The `optim:`, `train:` and `deepspeed:` sections: the optimizer and schedule, the loop, the engine."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from pipeline.section import Section
+
+
+class OptimConfig(Section):
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    total_steps: int = Field(gt=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    micro_batch: Optional[int] = Field(
+        None, gt=0, description="GradCache chunk per rank; null encodes the local batch at once"
+    )
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_bad_steps: int = Field(10, ge=1, description="abort after this many NaN/inf losses")
+    collective_timeout_s: int = Field(600, gt=0, description="a rank waiting this long in a collective (a dead "
+                                      "or stuck peer) fails the run; torch's default is 30 min")
+    keep_freed_memory: bool = Field(True, description="glibc malloc keeps freed memory for the next step instead "
+                                    "of returning it to the kernel (pipeline.train.allocator)")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    config_override: Optional[str] = Field(None, description="DeepSpeed JSON merged over the generated one")
+
+    @model_validator(mode="after")
+    def _bf16_needs_zero(self):
+        # Without ZeRO, DeepSpeed's bf16 path accumulates gradients in bf16 and keeps fp32 master
+        # weights that its checkpoint tools cannot consolidate; ZeRO >= 1 keeps both in fp32.
+        if self.precision == "bf16" and self.zero_stage == 0:
+            raise ValueError("precision 'bf16' needs zero_stage >= 1 (1 costs nothing on one rank)")
+        return self
