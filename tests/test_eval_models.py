@@ -16,9 +16,9 @@ from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
 from pipeline.eval.models import load_eval_model
 from pipeline.eval.zeroshot import class_embeddings
+from pipeline.modalities.preprocess import preprocessors
 from pipeline.models.config import ModelConfig
 from pipeline.models.io import save_model
-from pipeline.models.preprocess import tower_preprocessors
 
 DEMO_CAPTIONS = Path(__file__).parents[1] / "data" / "fashion_mnist" / "train.jsonl"
 
@@ -159,7 +159,7 @@ def test_siglip_folder_preprocesses_like_its_processor(siglip, tmp_path):
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(siglip, backend="pil")
-    ours = tower_preprocessors(load_eval_model(str(siglip)), None, train=False)
+    ours = preprocessors(load_eval_model(str(siglip)).inputs(), None, train=False)
     images = [Image.open(p) for p in _save_pngs(tmp_path, [None, None, (37, 45), (45, 37), (28, 100)])]
     squashed = processor(images=images, return_tensors="pt").pixel_values  # resized to 32x32, never cropped
     assert (torch.stack([ours["image"](i) for i in images]) - squashed).abs().max() <= 1e-6
@@ -178,7 +178,7 @@ def test_siglip_folder_scores_like_transformers(demo_shards, siglip, tmp_path):
     images, labels = _shard_images(dataset)
     image, text, logits, pairs = _transformers_zeroshot(siglip, images, prompts)
     ours = load_eval_model(str(siglip))
-    pre = tower_preprocessors(ours, None, train=False)
+    pre = preprocessors(ours.inputs(), None, train=False)
     batch = next(iter_batches(eval_set, ["image"], pre, len(images)))
     with torch.no_grad():
         ours_image = ours.encode("image", batch["image"])

@@ -74,9 +74,9 @@ def _perturbed(cfg: ModelConfig, seed: int = 0):
 
 def _real_inputs(demo_shards, model, n=32):
     """Pixels of demo images through the pipeline's eval transform, and PIL images as files for the processor."""
-    from pipeline.models.preprocess import tower_preprocessors
+    from pipeline.modalities.preprocess import preprocessors
 
-    pre = tower_preprocessors(model, None, train=False)
+    pre = preprocessors(model.inputs(), None, train=False)
     root = demo_shards / "demo" / "wds" / "fashion_mnist"
     batch = next(iter_batches(open_eval_set(str(root)), ["image"], pre, n))
     return batch["image"], pre["text"](TEXTS)

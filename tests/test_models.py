@@ -126,7 +126,7 @@ def test_every_registered_tower_kind_has_a_tiny_config():
 @pytest.mark.parametrize("kind", sorted(TINY_TOWERS))
 def test_tower_contract_shape_missing_embedding_round_trip_and_export(kind, tmp_path):
     from pipeline.export.open_clip import export_open_clip
-    from pipeline.models.preprocess import tower_preprocessors
+    from pipeline.modalities.preprocess import preprocessors
     from pipeline.registry import TOWERS
 
     modality = TOWERS.get(kind, "").info["modality"]
@@ -134,7 +134,7 @@ def test_tower_contract_shape_missing_embedding_round_trip_and_export(kind, tmp_
     cfg = ModelConfig(embed_dim=D, towers={modality: TINY_TOWERS[kind](tmp_path), partner[0]: partner[1]})
     model = build_model(cfg).eval()
     batch = {}
-    for m, pre in tower_preprocessors(model, None, train=False).items():
+    for m, pre in preprocessors(model.inputs(), None, train=False).items():
         batch[m] = torch.randint(1, 10, (3, *pre.shape)) if pre.dtype == torch.long else torch.randn(3, *pre.shape)
     batch["mask"] = {modality: torch.tensor([True, False, True])}
     with torch.no_grad():

@@ -62,7 +62,7 @@ def tower_inputs(config: str) -> tuple[dict, object]:
     from pipeline.models import build_model
 
     cfg = load_config(config)
-    return {m: t.preprocess for m, t in build_model(cfg.model).towers.items()}, cfg.data
+    return build_model(cfg.model).inputs(), cfg.data
 
 
 def require_extra(module: str, purpose: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.data.config import DataConfig
-from pipeline.registry import MODALITIES
+from pipeline.modalities.preprocess import preprocessors
 
 WARMUP_BATCHES = 3
 
@@ -44,7 +44,7 @@ def _rate(batches, n_batches: int, batch_size: int, warmup: int = WARMUP_BATCHES
 
 
 def _preprocessors(towers: dict, data: DataConfig, modalities: list[str]) -> dict:
-    return {m: MODALITIES.get(m, "bench").obj.preprocessor(towers[m], data.modality(m), True) for m in modalities}
+    return preprocessors({m: towers[m] for m in modalities}, data, train=True)
 
 
 def _ours(spec: str, modalities: list[str], setup: tuple, batch_size: int, workers: int, n_batches: int) -> float:

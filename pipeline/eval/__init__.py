@@ -5,6 +5,8 @@ open_clip's eval transforms and reports CLIP_benchmark's metric names, so number
 `clip_benchmark eval` on an export. Scores mmclip runs and external models (open_clip, transformers;
 pipeline.eval.models) with the same code. Never trains or changes a model.
 """
-from pipeline.eval.run import evaluate_tasks
+from pipeline.lazy import lazy_exports
+
+__getattr__ = lazy_exports(__name__, {"evaluate_tasks": "pipeline.eval.run"})
 
 __all__ = ["evaluate_tasks"]

@@ -48,8 +48,8 @@ def _templates(choice: str, eval_set) -> list[str]:
 @torch.no_grad()
 def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size: int = 256,
              templates: str = "dataset", device="cpu", target: str = "text") -> dict:
+    from pipeline.modalities.preprocess import preprocessors
     from pipeline.modalities.text import TextTokenizer
-    from pipeline.models.preprocess import tower_preprocessors
 
     eval_set = open_eval_set(dataset, task)
     paired = task == "zeroshot_retrieval" and target != "text"
@@ -60,7 +60,7 @@ def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size
     missing = [m for m in needed + ["text"] if m not in model.towers]
     if missing:
         raise UserError(f"{task} on {dataset} needs a {missing[0]} tower; the model has {sorted(model.towers)}")
-    preprocess = tower_preprocessors(model, None, train=False)
+    preprocess = preprocessors(model.inputs(), None, train=False)
     tokenize = preprocess["text"] if isinstance(preprocess["text"], TextTokenizer) else None
     encode_text = lambda tokens: model.encode("text", tokens)
     feats = {m: [] for m in needed}

@@ -11,11 +11,20 @@ Three layers, one folder each, each depending only on the ones below it:
 `base.py` is the contract every loss keeps; `config.py` the keys every loss section has. Knows nothing
 about models or training.
 """
-from pipeline.losses.base import ContrastiveLoss
-from pipeline.losses.objectives.clip import clip_loss
-from pipeline.losses.objectives.siglip import siglip_loss
-from pipeline.losses.objectives.symile import symile_loss
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pipeline.lazy import lazy_exports
 from pipeline.registry import LOSSES
+
+if TYPE_CHECKING:
+    from pipeline.losses.base import ContrastiveLoss
+
+__getattr__ = lazy_exports(__name__, {"ContrastiveLoss": "pipeline.losses.base",
+                                      "clip_loss": "pipeline.losses.objectives.clip",
+                                      "siglip_loss": "pipeline.losses.objectives.siglip",
+                                      "symile_loss": "pipeline.losses.objectives.symile"})
 
 
 def build_loss(cfg, group=None, seed: int = 0, num_samples: int | None = None) -> ContrastiveLoss:

@@ -39,6 +39,10 @@ class MultiModalCLIP(nn.Module):
     def modalities(self) -> list[str]:
         return sorted(self.towers)
 
+    def inputs(self) -> dict:
+        """What each tower takes, for the data path to build its preprocessing (pipeline.modalities.preprocess)."""
+        return {m: tower.preprocess for m, tower in self.towers.items()}
+
     def encode(self, modality: str, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.towers[modality](x)
         return F.normalize(features, dim=-1) if normalize else features

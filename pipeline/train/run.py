@@ -133,8 +133,8 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
 
     from pipeline.data.loader import build_loader
     from pipeline.losses import build_loss
+    from pipeline.modalities.preprocess import preprocessors
     from pipeline.models import build_model
-    from pipeline.models.preprocess import tower_preprocessors
     from pipeline.train.allocator import keep_freed_memory
     from pipeline.train.checkpoint import find_resume_tag, load_checkpoint
     from pipeline.train.engine import Engine
@@ -155,7 +155,7 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
         group = dist.group.WORLD if world > 1 else None
         loss_module = build_loss(cfg.loss, group=group, seed=cfg.train.seed, num_samples=num_samples)
         engine = Engine(model, cfg, world, loss_module.param_groups(model))
-        preprocess = tower_preprocessors(model, cfg.data, train=True)
+        preprocess = preprocessors(model.inputs(), cfg.data, train=True)
 
         def make_loader(at_step: int, epoch: int):
             return build_loader(cfg.data, split="train", modalities=cfg.modalities, preprocess=preprocess, rank=rank,
