@@ -43,6 +43,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests
+	$(BIN)/pyright
 
 clean:
 	rm -rf runs data/shards data/fashion_mnist/images
