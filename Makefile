@@ -1,5 +1,5 @@
 # Entry points: `make demo` (the main job on the embedded demo data), `make test` (the whole suite, what CI
-# runs), `make test-fast` (unit tests only: no processes started, for the edit loop) and `make lint` (ruff).
+# runs), `make test-fast` (unit tests only: no processes started, for the edit loop) and `make lint` (ruff + pyright).
 # Each creates or updates .venv first; nothing else needs to be installed by hand.
 PYTHON ?= python3
 VENV   := .venv
@@ -39,7 +39,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	@start=$$(date +%s); $(BIN)/python -m pytest -q tests/unit; code=$$?; \
+	echo "make test-fast: tests/unit in $$(( $$(date +%s) - start )) s"; exit $$code
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests
