@@ -304,6 +304,7 @@ def test_siglip_run_exports_as_clip_with_its_logit_bias(tmp_path):
     assert "0.2500" not in card and "corrupt" not in card
     assert "zeroshot_retrieval on fashion_mnist_retrieval" in card and "| image_retrieval_recall@1 | 0.1250 |" in card
     assert "ftfy" in card and "html" in card.lower()
+    assert "AutoProcessor.from_pretrained(PATH, trust_remote_code=True)" in card and "torchvision's offset" in card
 
 
 def test_logit_scale_is_the_one_the_pipeline_scores_with(tmp_path):
