@@ -39,7 +39,7 @@ import transformers
 export, inputs, out, cls = sys.argv[1:5]
 x = load_file(inputs)
 model = getattr(transformers, cls).from_pretrained(export).eval()
-processor = transformers.AutoProcessor.from_pretrained(export, backend="pil")
+processor = transformers.AutoProcessor.from_pretrained(export, trust_remote_code=True)
 texts = json.loads(open(inputs + ".texts.json").read())
 images = [Image.open(p) for p in json.loads(open(inputs + ".images.json").read())]
 ids = processor(text=texts, padding="max_length", truncation=True, return_tensors="pt")
@@ -58,7 +58,7 @@ def _run_alone(script: str, cwd, *args) -> None:
     """Run `script` in a fresh interpreter, offline, away from the worktree; it must not import pipeline."""
     check = '\nassert not any(m.split(".")[0] == "pipeline" for m in sys.modules), "imported pipeline"\n'
     proc = subprocess.run([sys.executable, "-c", script + check, *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                          cwd=cwd, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(cwd / "hf_home")})
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -125,8 +125,8 @@ def test_clip_export_loads_with_transformers_alone_and_gives_the_same_embeddings
     assert main(["export", str(tmp_path / "run"), "--format", "open_clip", "--out", str(tmp_path / "hf")]) == 2
     assert "holds a hf export" in capsys.readouterr().err
     pixels, tokens = _real_inputs(demo_shards, model)
-    # sizes whose centre crop starts at the same pixel in torchvision and transformers (see README)
-    shapes = [None, None, (37, 45), (45, 37), (64, 64), (300, 201), (29, 30), (28, 100)]
+    # 31x28 resizes to 31 wide: a crop offset of 1.5, which torchvision rounds to 2 and stock transformers floors
+    shapes = [None, None, (37, 45), (45, 37), (64, 64), (300, 201), (29, 30), (28, 100), (31, 28)]
     pngs = _save_pngs(tmp_path, shapes)
     hf = _hf_side(tmp_path, tmp_path / "hf", pixels, tokens, pad_id=0, images=pngs)
     with torch.no_grad():
@@ -137,6 +137,78 @@ def test_clip_export_loads_with_transformers_alone_and_gives_the_same_embeddings
     ours = torch.stack([ImageTransform(28, (0.5,) * 3, (0.5,) * 3, False)(Image.open(p)) for p in pngs])
     assert (hf["pixel_values"] - ours).abs().max() <= 1e-6
     assert hf["logit_scale"].item() == pytest.approx(model.logit_scale.item(), abs=1e-7)
+
+
+# Served through transformers alone: the export's processor, transformers' zero-shot pipeline, and the stock
+# CLIPImageProcessor (what a user gets by loading the processor class by name, without the export's code).
+ZERO_SHOT_SIDE = r"""
+import json, sys
+import transformers
+from PIL import Image
+from safetensors.torch import save_file
+export, out, paths, labels = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+images = [Image.open(p).convert("RGB") for p in paths]
+classify = transformers.pipeline("zero-shot-image-classification", model=export, trust_remote_code=True)
+ranked = classify(images, candidate_labels=labels, hypothesis_template="a photo of a {}.")
+processor = transformers.AutoProcessor.from_pretrained(export, trust_remote_code=True)
+stock = transformers.CLIPImageProcessor.from_pretrained(export)
+save_file({"exported": processor(images=images, return_tensors="pt").pixel_values,
+           "stock": stock(images=images, return_tensors="pt").pixel_values}, out)
+open(out + ".json", "w").write(json.dumps([r[0]["label"] for r in ranked]))
+"""
+LABELS = ["circle", "square", "stripes", "sunset", "night sky", "forest", "t-shirt", "ankle boot"]
+
+
+def _clip_art(path, width: int, height: int, seed: int) -> None:
+    """A gradient with outlined ellipses and rectangles: edges a one-pixel crop shift shows, as in clip art."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[:height, :width]
+    image = Image.fromarray(np.stack([x * 255 // width, y * 255 // height, (x + y) * 255 // (width + height)],
+                                     -1).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = rng.integers(20, 200, 2)
+        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=tuple(rng.integers(0, 255, 3).tolist()), outline=(0, 0, 0), width=3)
+        draw.rectangle([x0 - 50, y0 - 30, x0, y0], fill=tuple(rng.integers(0, 255, 3).tolist()))
+    image.save(path, quality=90)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size, patch", [(28, 7), (224, 32)])
+def test_exported_processor_gives_eval_pixels_and_top1_on_large_png_and_jpeg(tmp_path, size, patch):
+    """Pixel differences are measured in [0, 1] units (normalised difference x std): the bound is then one 8-bit
+    level on average whatever the model's std. 620x400 and 414x708 resize to a side that exceeds the crop by
+    3 (mod 4) at 28 and 224 px, where a stock processor crops one pixel over; 640x420 and 480x800 do not."""
+    from pipeline.eval.zeroshot import class_embeddings
+    from pipeline.models.preprocess import tower_preprocessors
+
+    image = {**IMAGE, "options": {**IMAGE["options"], "image_size": size, "patch_size": patch}}
+    cfg = ModelConfig(embed_dim=16, towers={"image": image, "text": TEXT})
+    model = _perturbed(cfg)
+    save_model(model.state_dict(), cfg, tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    paths = []
+    for i, shape in enumerate([(640, 420), (480, 800), (620, 400), (414, 708)]):
+        for suffix in ("png", "jpg"):
+            paths.append(tmp_path / f"art{i}.{suffix}")
+            _clip_art(paths[-1], *shape, seed=i)
+    out = tmp_path / "served.safetensors"
+    _run_alone(ZERO_SHOT_SIDE, tmp_path, tmp_path / "hf", out, json.dumps(list(map(str, paths))), json.dumps(LABELS))
+    served, served_top1 = load_file(str(out)), json.loads((tmp_path / "served.safetensors.json").read_text())
+
+    pre = tower_preprocessors(model, None, train=False)  # what `mmclip eval` feeds the model
+    ours = torch.stack([pre["image"](Image.open(p)) for p in paths])
+    std = torch.tensor(IMAGE["options"]["std"]).view(3, 1, 1)
+    gap = {name: ((pixels - ours).abs() * std).mean((1, 2, 3)) for name, pixels in served.items()}
+    assert gap["exported"].max() <= 1 / 255
+    assert (gap["stock"][4:] > 1 / 255).all() and gap["stock"][:4].max() <= 1 / 255  # the shapes do what they say
+    with torch.no_grad():
+        classifier = class_embeddings(model.encode_text, pre["text"], LABELS, ["a photo of a {c}."], "cpu")
+        top1 = (model.encode_image(ours) @ classifier.T).argmax(1)
+    assert served_top1 == [LABELS[i] for i in top1]
 
 
 OPEN_CLIP_SIDE = r"""
@@ -170,18 +242,22 @@ def test_open_clip_export_loads_with_open_clip_alone(demo_shards, tmp_path):
     assert torch.equal(theirs["input_ids"], tokens)
 
 
-def test_processor_centre_crop_differs_by_one_pixel_where_documented(tmp_path):
-    """torchvision rounds the crop offset half-to-even, transformers floors it: they differ when the resized side
-    exceeds the crop by 3 (mod 4) pixels. The README documents this; the test pins it."""
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+def test_exported_processor_crops_where_torchvision_does():
+    """torchvision rounds the crop offset half-to-even, stock transformers floors it: they differ when the resized
+    side exceeds the crop by 3 (mod 4) pixels. The exported processor crops as torchvision does."""
+    from transformers import CLIPImageProcessorPil
+
+    from pipeline.export.mmclip_image_processor import MmclipImageProcessor
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (29, 30, 3), dtype=np.uint8))  # -> 224x231
     ours = ImageTransform(224, (0.5,) * 3, (0.5,) * 3, False)(image)
-    theirs = CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)(images=image, return_tensors="pt")
-    theirs = theirs.pixel_values[0]
-    assert (theirs - ours).abs().max() > 0.1
-    assert (theirs[..., 1:] - ours[..., :-1]).abs().max() <= 1e-6  # the same pixels, one column apart
+    options = dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
+                   image_std=[0.5] * 3)
+    stock = CLIPImageProcessorPil(**options)(images=image, return_tensors="pt").pixel_values[0]
+    assert (stock - ours).abs().max() > 0.1
+    assert (stock[..., 1:] - ours[..., :-1]).abs().max() <= 1e-6  # the same pixels, one column apart
+    exported = MmclipImageProcessor(**options)(images=image, return_tensors="pt").pixel_values[0]
+    assert (exported - ours).abs().max() == 0
 
 
 def test_tokenizer_differs_only_where_open_clip_cleans_more(tmp_path):
@@ -228,6 +304,7 @@ def test_siglip_run_exports_as_clip_with_its_logit_bias(tmp_path):
     assert "0.2500" not in card and "corrupt" not in card
     assert "zeroshot_retrieval on fashion_mnist_retrieval" in card and "| image_retrieval_recall@1 | 0.1250 |" in card
     assert "ftfy" in card and "html" in card.lower()
+    assert "AutoProcessor.from_pretrained(PATH, trust_remote_code=True)" in card and "torchvision's offset" in card
 
 
 def test_logit_scale_is_the_one_the_pipeline_scores_with(tmp_path):

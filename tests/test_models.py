@@ -123,6 +123,43 @@ def test_every_registered_tower_kind_has_a_tiny_config():
     assert set(TOWERS.names()) <= set(TINY_TOWERS), "add the new tower kind's tiny config to TINY_TOWERS"
 
 
+def _with(tower: dict, **options) -> dict:
+    return {**tower, "options": {**tower["options"], **options}}
+
+
+ODD_LAYERS = {"ls_init_value": 0.1, "act_kwargs": {"approximate": "tanh"}, "norm_kwargs": {"eps": 1e-3}}
+
+
+@pytest.mark.parametrize("modality, make", [
+    ("image", TINY_TOWERS["open_clip_vision"]),
+    ("image", lambda tmp: _with(IMAGE, pool_type="avg", no_ln_pre=True, qk_norm=True, patch_dropout=0.5, **ODD_LAYERS)),
+    ("image", lambda tmp: _with(IMAGE, attentional_pool=True, final_ln_after_pool=True)),
+    ("image", lambda tmp: _with(IMAGE, block_type="custom", scale_attn=True, scale_fc=True)),
+    ("image", lambda tmp: _with(IMAGE, layers=[1, 1, 1, 1], width=16, head_width=8, image_size=32)),  # ModifiedResNet
+    ("image", TINY_TOWERS["timm"]),
+    ("text", TINY_TOWERS["open_clip_text"]),
+    ("text", lambda tmp: _with(TEXT, pool_type="last", proj_bias=True, embed_cls=True, **ODD_LAYERS)),
+    ("text", lambda tmp: _with(TEXT, no_causal_mask=True, block_type="custom", scale_heads=True)),
+    ("text", TINY_TOWERS["hf_text"]),
+], ids=["vit", "vit-options", "vit-attn-pool", "vit-custom-block", "resnet", "timm", "text", "text-options",
+        "text-custom-block", "hf-text"])
+def test_towers_are_the_modules_open_clip_builds_from_the_same_config(modality, make, tmp_path):
+    """Towers are built from open_clip's public classes (its builder is private): they must be the modules
+    open_clip's public CustomTextCLIP builds from the same config, so the open_clip export stays a key rename."""
+    import open_clip
+
+    tower = build_tower(modality, TowerConfig(**make(tmp_path)), D).eval()
+    cfg = {"image": IMAGE["options"], "text": TEXT["options"], modality: tower.export_cfg}
+    theirs = open_clip.CustomTextCLIP(D, cfg["image"], cfg["text"]).eval()
+    module = theirs.visual if modality == "image" else theirs.text
+    assert repr(module) == repr(tower.encoder)
+    module.load_state_dict(tower.encoder.state_dict())
+    size = tower.preprocess.image_size if modality == "image" else None
+    x = torch.randn(2, 3, size, size) if modality == "image" else torch.randint(1, 5, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(module(x), tower(x))
+
+
 @pytest.mark.parametrize("kind", sorted(TINY_TOWERS))
 def test_tower_contract_shape_missing_embedding_round_trip_and_export(kind, tmp_path):
     from pipeline.export.open_clip import export_open_clip

@@ -109,10 +109,21 @@ def load_open_clip_arch(spec: str) -> MultiModalCLIP:
 
 
 # -------------------------------------------------------------------------------------- transformers
-def _hf_image_preprocess(folder: Path) -> ImagePreprocess:
+def _hf_image_processor(folder: Path):
+    """An mmclip export's processor is custom code in the folder: its settings are read with this package's own
+    class, never by running the folder's copy."""
     from transformers import AutoImageProcessor
 
-    proc = AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+    from pipeline.export.mmclip_image_processor import MmclipImageProcessor
+
+    config, _ = MmclipImageProcessor.get_image_processor_dict(str(folder))
+    if config.get("image_processor_type") == MmclipImageProcessor.__name__:
+        return MmclipImageProcessor.from_pretrained(str(folder))
+    return AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+
+
+def _hf_image_preprocess(folder: Path) -> ImagePreprocess:
+    proc = _hf_image_processor(folder)
     size = proc.size.get("shortest_edge") or proc.size.get("height")
     crop = getattr(proc, "do_center_crop", False)  # SigLIP processors squash to the size, no crop
     if crop and proc.crop_size.get("height") != size:

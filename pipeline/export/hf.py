@@ -89,14 +89,16 @@ def _text_config(tower, embed_dim: int) -> dict:
 
 
 def _image_processor(pre):
-    """The PIL backend: its resize is PIL's, as in open_clip's eval transform (torchvision on PIL images)."""
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    """The eval transform's pixels at any input size (see pipeline.export.mmclip_image_processor). It is custom
+    code in the export, so transformers loads it only with trust_remote_code=True and otherwise refuses, rather
+    than falling back to a stock processor that crops elsewhere."""
+    from pipeline.export.mmclip_image_processor import MmclipImageProcessor
 
     square = {"height": pre.image_size, "width": pre.image_size}
     size = square if pre.resize_mode == "squash" else {"shortest_edge": pre.image_size}
-    return CLIPImageProcessorPil(size=size, crop_size=square, do_center_crop=pre.resize_mode != "squash",
-                                 resample=RESAMPLE[pre.interpolation], image_mean=list(pre.mean),
-                                 image_std=list(pre.std))
+    return MmclipImageProcessor(size=size, crop_size=square, do_center_crop=pre.resize_mode != "squash",
+                                resample=RESAMPLE[pre.interpolation], image_mean=list(pre.mean),
+                                image_std=list(pre.std))
 
 
 def write_clip_tokenizer(folder: Path, context_length: int):
@@ -232,7 +234,7 @@ def export_hf(model, model_cfg, out_dir: str | Path, source: str | Path | None =
         tokenizer = write_clip_tokenizer(out, text.preprocess.context_length)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     announce(f"transformers {target}: {final}  ({target}.from_pretrained(DIR), "
-             f"AutoProcessor.from_pretrained(DIR, backend=\"pil\"))")
+             f"AutoProcessor.from_pretrained(DIR, trust_remote_code=True))")
     if model.logit_bias is not None:
         announce(f"note: trained with the sigmoid loss: CLIPModel has no logit bias, so it is written to "
                  f"config.json as logit_bias={model.logit_bias.item():.4f} (and README.md); "

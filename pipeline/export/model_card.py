@@ -12,6 +12,14 @@ CLIP_TOKENIZER = (
     "open_clip additionally runs `ftfy.fix_text` and HTML unescaping (`&amp;` -> `&`) and treats the literal "
     "strings `<start_of_text>` / `<end_of_text>` as its special tokens. Token ids are equal on every text those "
     "steps leave unchanged; for other text, clean it with ftfy + `html.unescape` first to get the training ids.")
+IMAGE_PROCESSOR = (
+    "`mmclip_image_processor.py` (custom code, hence `trust_remote_code=True`) is transformers' PIL-backend "
+    "`CLIPImageProcessorPil` with one change: it centre-crops at torchvision's offset (round half to even, where "
+    "transformers floors), as the eval transform the model was scored with does, so its pixels are the eval "
+    "pixels at any input size. It runs on PIL whatever `backend=` says. A stock CLIP processor crops one pixel "
+    "over whenever the resized side exceeds the crop by 3 (mod 4) pixels; without `trust_remote_code=True` "
+    "transformers refuses to load this processor rather than substitute one. "
+    "`pipeline(\"zero-shot-image-classification\", model=PATH, trust_remote_code=True)` uses it too.")
 TEXT_MODEL_TOKENIZER = ("The text model's own transformers tokenizer, as in training (where runs of whitespace were "
                         "folded to one space first). Pad to the context length; the attention mask must mask padding.")
 
@@ -61,7 +69,7 @@ def write_model_card(out: Path, title: str, model, model_cfg, target: str, logit
     lines = [f"# {title}", "", f"Exported by mmclip from `{source}` as a transformers `{target}`.", "",
              "```python", f"from transformers import {target}, AutoProcessor",
              f"model = {target}.from_pretrained(PATH)",
-             "processor = AutoProcessor.from_pretrained(PATH, backend=\"pil\")  # the PIL backend matches training",
+             "processor = AutoProcessor.from_pretrained(PATH, trust_remote_code=True)  # see Image processor",
              "inputs = processor(text=texts, images=images, padding=\"max_length\", truncation=True, return_tensors=\"pt\")",
              "```", "", "## Config", "", f"- embed_dim: {model_cfg.embed_dim}",
              f"- logit_scale (log): {logit_scale:.6f}"]
@@ -73,7 +81,7 @@ def write_model_card(out: Path, title: str, model, model_cfg, target: str, logit
     for modality, tower in model_cfg.towers.items():
         lines.append(f"- {modality}: {tower.kind}{' ' + tower.name if tower.name else ''} {tower.options}")
     tokenizer = CLIP_TOKENIZER if target == "CLIPModel" else TEXT_MODEL_TOKENIZER
-    lines += ["", "## Tokenizer", "", tokenizer, "", "## Evaluation", ""]
+    lines += ["", "## Image processor", "", IMAGE_PROCESSOR, "", "## Tokenizer", "", tokenizer, "", "## Evaluation", ""]
     results = eval_results(run_dir)
     if not results:
         lines.append("No eval results were found in the run directory.")

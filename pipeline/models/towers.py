@@ -1,12 +1,15 @@
 """Towers: a config names a tower kind, the registry (pipeline.registry.TOWERS) builds it.
 
-Image and open_clip text towers are built with open_clip's own builders so that exporting to
-open_clip is a key rename, not a re-implementation. Every tower maps its input to
-`[B, embed_dim]` (un-normalised) and records how its input must be preprocessed.
+Image and open_clip text towers are open_clip's own modules, built from its public classes as
+open_clip.create_model builds them, so that exporting to open_clip is a key rename, not a
+re-implementation. Every tower maps its input to `[B, embed_dim]` (un-normalised) and records how
+its input must be preprocessed.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+import inspect
+from dataclasses import asdict, fields
+from functools import partial
 from typing import Optional
 
 import torch
@@ -47,6 +50,53 @@ class Tower(nn.Module):
         return self.encoder(x)
 
 
+def _same_named(cls, cfg) -> dict:
+    """The cfg fields `cls` takes under the same name: with the arguments below, what open_clip's factory passes
+    (its builder is private, so it may change without notice)."""
+    params = inspect.signature(cls).parameters
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in params}
+
+
+def _act_norm(cfg) -> dict:
+    """GELU and open_clip's LayerNorm (what its factory uses for fp32 models), with the config's kwargs for them."""
+    from open_clip.transformer import LayerNorm
+
+    return {"act_layer": nn.GELU if cfg.act_kwargs is None else partial(nn.GELU, **cfg.act_kwargs),
+            "norm_layer": partial(LayerNorm, **cfg.norm_kwargs) if cfg.norm_kwargs else LayerNorm}
+
+
+def _vision_encoder(cfg, embed_dim: int) -> nn.Module:
+    """A timm trunk, a ModifiedResNet (`layers` a tuple) or a VisionTransformer, as open_clip.create_model builds."""
+    if cfg.timm_model_name:
+        from open_clip.timm_model import TimmModel
+
+        return TimmModel(cfg.timm_model_name, embed_dim, image_size=cfg.image_size, pool=cfg.timm_pool,
+                         proj=cfg.timm_proj, proj_bias=cfg.timm_proj_bias, drop=cfg.timm_drop,
+                         drop_path=cfg.timm_drop_path, patch_drop=cfg.patch_dropout if cfg.patch_dropout > 0 else None,
+                         pretrained=cfg.timm_model_pretrained)
+    if isinstance(cfg.layers, (tuple, list)):
+        from open_clip.modified_resnet import ModifiedResNet
+
+        return ModifiedResNet(cfg.layers, embed_dim, heads=cfg.width * 32 // cfg.head_width,
+                              image_size=cfg.image_size, width=cfg.width)
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer(**_same_named(VisionTransformer, cfg), heads=cfg.width // cfg.head_width,
+                             output_dim=embed_dim, **_act_norm(cfg))
+
+
+def _text_encoder(cfg, embed_dim: int) -> nn.Module:
+    """A transformers model with open_clip's pooling and projection, or open_clip's TextTransformer."""
+    if cfg.hf_model_name:
+        from open_clip.hf_model import HFTextEncoder
+
+        return HFTextEncoder(cfg.hf_model_name, embed_dim, pooler_type=cfg.hf_pooler_type, proj_type=cfg.hf_proj_type,
+                             pretrained=cfg.hf_model_pretrained, output_tokens=cfg.output_tokens)
+    from open_clip.transformer import TextTransformer
+
+    return TextTransformer(**_same_named(TextTransformer, cfg), output_dim=embed_dim, **_act_norm(cfg))
+
+
 def _split_preprocess(options: dict) -> tuple[dict, dict]:
     model_opts = {k: v for k, v in options.items() if k not in PREPROCESS_KEYS}
     return model_opts, {k: tuple(v) if isinstance(v, list) else v for k, v in options.items() if k in PREPROCESS_KEYS}
@@ -55,7 +105,7 @@ def _split_preprocess(options: dict) -> tuple[dict, dict]:
 @TOWERS.register("timm", modality="image")
 @TOWERS.register("open_clip_vision", modality="image")
 def _open_clip_vision(cfg: TowerConfig, embed_dim: int) -> Tower:
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+    from open_clip.model import CLIPVisionCfg
 
     opts, pre = _split_preprocess(cfg.options)
     if cfg.kind == "timm":
@@ -63,7 +113,7 @@ def _open_clip_vision(cfg: TowerConfig, embed_dim: int) -> Tower:
             raise UserError("model.towers.image.name: a timm tower needs a timm model name, e.g. vit_tiny_patch16_224")
         opts = {"timm_model_name": cfg.name, **opts}
     vision_cfg = _dataclass_from(CLIPVisionCfg, opts, f"model.towers.image.options ({cfg.kind})")
-    encoder = _build_vision_tower(embed_dim, vision_cfg)
+    encoder = _vision_encoder(vision_cfg, embed_dim)
     size = vision_cfg.image_size if isinstance(vision_cfg.image_size, int) else vision_cfg.image_size[0]
     return Tower(cfg.kind, encoder, ImagePreprocess(image_size=size, **pre), _set_fields(vision_cfg))
 
@@ -71,7 +121,7 @@ def _open_clip_vision(cfg: TowerConfig, embed_dim: int) -> Tower:
 @TOWERS.register("open_clip_text", modality="text")
 @TOWERS.register("hf_text", modality="text")
 def _open_clip_text(cfg: TowerConfig, embed_dim: int) -> Tower:
-    from open_clip.model import CLIPTextCfg, _build_text_tower
+    from open_clip.model import CLIPTextCfg
 
     opts = dict(cfg.options)
     if cfg.kind == "hf_text":
@@ -79,7 +129,7 @@ def _open_clip_text(cfg: TowerConfig, embed_dim: int) -> Tower:
             raise UserError("model.towers.text.name: an hf_text tower needs a local transformers model path")
         opts = {"hf_model_name": cfg.name, "hf_tokenizer_name": cfg.name, "hf_model_pretrained": False, **opts}
     text_cfg = _dataclass_from(CLIPTextCfg, opts, f"model.towers.text.options ({cfg.kind})")
-    encoder = _build_text_tower(embed_dim, text_cfg)
+    encoder = _text_encoder(text_cfg, embed_dim)
     return Tower(cfg.kind, encoder, TextPreprocess(text_cfg.context_length, text_cfg.hf_tokenizer_name),
                  _set_fields(text_cfg))
 
