@@ -25,7 +25,7 @@ single-process gradient (the scale and bias counted once). The trainer therefore
 world size (DeepSpeed averages gradients over ranks). Use `distributed.gather_with_grad` for columns
 and `distributed.global_sum` for the value; a loss ported from open_clip (which averages a local
 loss over ranks) would otherwise train silently wrong — the conformance suite
-(tests/test_loss_contract.py) checks 1 vs 2 vs 3 ranks for every registered loss.
+(tests/unit/test_loss_contract.py) checks 1 vs 2 vs 3 ranks for every registered loss.
 
 State: a loss may keep persistent state (e.g. per-sample statistics). `state_dict()` is saved per rank
 in every checkpoint (`rank{R}_state.pt`); on resume `load_states()` receives every saved rank's dict,

@@ -14,8 +14,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from faults import KINDS, cases, damage, small_shard
-from test_train import ROOT, metrics, tiny_overrides, train_cmd
+
+from helpers.faults import KINDS, cases, damage, small_shard
+from helpers.paths import ROOT
+from helpers.runs import metrics, tiny_overrides, train_cmd
 
 ENV = {**os.environ, "MMCLIP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
 MMCLIP = [sys.executable, "-m", "pipeline"]

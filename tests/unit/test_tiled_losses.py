@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from symile import Symile
 
+from helpers.loss_refs import naive_hn_nce
 from pipeline.errors import UserError
 from pipeline.losses import build_loss, clip_loss, loss_config, siglip_loss, symile_loss
 
@@ -25,22 +26,6 @@ def assert_same(out, ref, inputs, rtol=1e-6, atol=1e-9):
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
-
-
-def naive_hn_nce(a, b, s, negs=None, alpha=1.0, beta=0.0):
-    """DiHT's HN-NCE written out row by row on the full matrix (both directions; negatives a→b only)."""
-    z = s * a @ b.T
-
-    def log_denominators(z, extra=None):
-        out = []
-        for i in range(z.shape[0]):
-            off = torch.cat([z[i, :i], z[i, i + 1:]] + ([extra[i]] if extra is not None else []))
-            weights = off.shape[0] * torch.softmax(beta * off, 0)
-            out.append(torch.log(alpha * torch.exp(z[i, i]) + (weights * torch.exp(off)).sum()))
-        return torch.stack(out)
-
-    zn = s * torch.einsum("nd,nkd->nk", a, negs) if negs is not None else None
-    return (-torch.diagonal(z) + 0.5 * log_denominators(z, zn) + 0.5 * log_denominators(z.T)).mean()
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 23, 64, None])

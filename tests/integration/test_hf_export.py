@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_bert import tiny_bert
 
+from helpers.hf import IMAGE, TEXT, TEXTS, bert, perturbed, save_pngs, unit
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
@@ -23,12 +23,6 @@ from pipeline.models.config import ModelConfig
 from pipeline.models.io import save_model
 
 # configs/demo.yaml's towers, narrower: same image size, patch, context length and normalisation
-IMAGE = {"kind": "open_clip_vision", "options": {"image_size": 28, "patch_size": 7, "width": 32, "layers": 2,
-                                                 "head_width": 16, "mean": [0.5] * 3, "std": [0.5] * 3}}
-TEXT = {"kind": "open_clip_text", "options": {"context_length": 24, "width": 32, "heads": 2, "layers": 2}}
-TEXTS = ["a photo of a t-shirt/top.", "an ankle boot", "Café crème, déjà vu: naïve Ångström", "日本語のテキスト",
-         "Ελληνικά και русский", "a dog 🐶 and a cat 🐱 👍🏽", "TABS\tand   spaces\nnewline",
-         " ".join(["a very long caption that goes on"] * 12)]
 # Run in a fresh interpreter: only transformers (+ safetensors / PIL) may be imported.
 HF_SIDE = r"""
 import json, sys
@@ -62,16 +56,6 @@ def _run_alone(script: str, cwd, *args) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def _perturbed(cfg: ModelConfig, seed: int = 0):
-    """Random init plus noise on every tensor, so LayerNorms and biases are not their 1/0 init (a swap shows)."""
-    torch.manual_seed(seed)
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
-
-
 def _real_inputs(demo_shards, model, n=32):
     """Pixels of demo images through the pipeline's eval transform, and PIL images as files for the processor."""
     from pipeline.modalities.preprocess import preprocessors
@@ -92,32 +76,10 @@ def _hf_side(tmp_path, export, pixels, tokens, pad_id, cls="CLIPModel", images=(
     return load_file(str(out))
 
 
-def _unit(x):
-    return torch.nn.functional.normalize(x.float(), dim=-1)
-
-
-def _save_pngs(tmp_path, shapes):
-    """Demo images (28x28 grey) at several sizes and modes, as files the processor reads."""
-    import tarfile
-    from io import BytesIO
-    from pathlib import Path
-
-    with tarfile.open(Path(__file__).parents[1] / "data" / "fashion_mnist" / "images.tar.gz") as archive:
-        originals = [Image.open(BytesIO(archive.extractfile(m).read())).copy()
-                     for m in archive.getmembers()[:40] if m.isfile()][:len(shapes)]
-    paths = []
-    for i, (image, shape) in enumerate(zip(originals, shapes)):
-        image = image if shape is None else image.resize(shape, Image.BICUBIC)
-        path = tmp_path / f"img{i}.png"
-        (image.convert("RGB") if i % 2 else image).save(path)
-        paths.append(path)
-    return paths
-
-
 @pytest.mark.slow
 def test_clip_export_loads_with_transformers_alone_and_gives_the_same_embeddings(demo_shards, tmp_path, capsys):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT})
-    model = _perturbed(cfg)
+    model = perturbed(cfg)
     save_model(model.state_dict(), cfg, tmp_path / "run")
     for _ in range(2):  # an earlier hf export in --out is replaced
         assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
@@ -127,11 +89,11 @@ def test_clip_export_loads_with_transformers_alone_and_gives_the_same_embeddings
     pixels, tokens = _real_inputs(demo_shards, model)
     # 31x28 resizes to 31 wide: a crop offset of 1.5, which torchvision rounds to 2 and stock transformers floors
     shapes = [None, None, (37, 45), (45, 37), (64, 64), (300, 201), (29, 30), (28, 100), (31, 28)]
-    pngs = _save_pngs(tmp_path, shapes)
+    pngs = save_pngs(tmp_path, shapes)
     hf = _hf_side(tmp_path, tmp_path / "hf", pixels, tokens, pad_id=0, images=pngs)
     with torch.no_grad():
-        assert (_unit(hf["image"]) - model.encode_image(pixels)).abs().max() <= 1e-4
-        assert (_unit(hf["text"]) - model.encode_text(tokens)).abs().max() <= 1e-4
+        assert (unit(hf["image"]) - model.encode_image(pixels)).abs().max() <= 1e-4
+        assert (unit(hf["text"]) - model.encode_text(tokens)).abs().max() <= 1e-4
     assert torch.equal(hf["input_ids"], tokens)  # non-ASCII, emoji, whitespace, over-long (truncated)
     assert tokens[-1, -1] == 49407 and (tokens[:2, -1] == 0).all()  # truncated with its end token; padded with 0
     ours = torch.stack([ImageTransform(28, (0.5,) * 3, (0.5,) * 3, False)(Image.open(p)) for p in pngs])
@@ -187,7 +149,7 @@ def test_exported_processor_gives_eval_pixels_and_top1_on_large_png_and_jpeg(tmp
 
     image = {**IMAGE, "options": {**IMAGE["options"], "image_size": size, "patch_size": patch}}
     cfg = ModelConfig(embed_dim=16, towers={"image": image, "text": TEXT})
-    model = _perturbed(cfg)
+    model = perturbed(cfg)
     save_model(model.state_dict(), cfg, tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     paths = []
@@ -228,7 +190,7 @@ with torch.no_grad():
 @pytest.mark.slow
 def test_open_clip_export_loads_with_open_clip_alone(demo_shards, tmp_path):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT})
-    model = _perturbed(cfg)
+    model = perturbed(cfg)
     save_model(model.state_dict(), cfg, tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "--format", "open_clip", "--out", str(tmp_path / "oc")]) == 0
     pixels, tokens = _real_inputs(demo_shards, model, n=8)
@@ -237,8 +199,8 @@ def test_open_clip_export_loads_with_open_clip_alone(demo_shards, tmp_path):
     _run_alone(OPEN_CLIP_SIDE, tmp_path, tmp_path / "oc", tmp_path / "x.safetensors", tmp_path / "y.safetensors")
     theirs = load_file(str(tmp_path / "y.safetensors"))
     with torch.no_grad():
-        assert (_unit(theirs["image"]) - model.encode_image(pixels)).abs().max() <= 1e-5
-        assert (_unit(theirs["text"]) - model.encode_text(tokens)).abs().max() <= 1e-5
+        assert (unit(theirs["image"]) - model.encode_image(pixels)).abs().max() <= 1e-5
+        assert (unit(theirs["text"]) - model.encode_text(tokens)).abs().max() <= 1e-5
     assert torch.equal(theirs["input_ids"], tokens)
 
 
@@ -279,7 +241,7 @@ def test_tokenizer_differs_only_where_open_clip_cleans_more(tmp_path):
 def test_siglip_run_exports_as_clip_with_its_logit_bias(tmp_path):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT}, init_logit_bias=-10.0)
     run = tmp_path / "run"
-    save_model(_perturbed(cfg).state_dict(), cfg, run)
+    save_model(perturbed(cfg).state_dict(), cfg, run)
     (run / "config.yaml").write_text("loss: {kind: siglip}\n")
     records = [{"step": 5, "fashion_mnist/acc1": 0.25}, {"step": 9, "loss": 1.0, "skipped/corrupt": 2},
                {"step": 10, "fashion_mnist/acc1": 0.5}]
@@ -348,16 +310,9 @@ def test_timm_image_tower_is_refused(tmp_path):
         export_hf(build_model(cfg), cfg, tmp_path / "hf", announce=lambda _: None)
 
 
-def _bert(tmp_path):
-    # every Fashion-MNIST class name in words of its own: classes made of [UNK] alone score exactly alike, and
-    # which of two tied classes comes fifth is then a matter of float rounding
-    return tiny_bert(tmp_path / "bert", ["a", "photo", "of", "bag", "dress", "boot", "an", "ankle", "t", "-", "shirt",
-                                         "pair", "trousers", "pullover", "coat", "sandal", "sneaker"])
-
-
 @pytest.mark.slow
 def test_hf_text_tower_exports_as_dual_encoder_only_with_pooler_and_linear_projection(demo_shards, tmp_path):
-    hf = _bert(tmp_path)
+    hf = bert(tmp_path)
     text = {"kind": "hf_text", "name": str(hf), "options": {"context_length": 12}}
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": text})
     with pytest.raises(UserError, match=r"hf_pooler_type='mean_pooler'"):
@@ -368,15 +323,15 @@ def test_hf_text_tower_exports_as_dual_encoder_only_with_pooler_and_linear_proje
         export_hf(build_model(cfg), cfg, tmp_path / "refused", announce=lambda _: None)
     text["options"]["hf_proj_type"] = "linear"
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": text})
-    model = _perturbed(cfg)
+    model = perturbed(cfg)
     out = export_hf(model, cfg, tmp_path / "hf", announce=lambda _: None)
     pixels, tokens = _real_inputs(demo_shards, model, n=8)
     texts = ["a photo of a bag", "an ankle boot", "dress"]
     tokens = TextTokenizer(12, str(hf))(texts)
     hf_out = _hf_side(tmp_path, out, pixels, tokens, pad_id=0, cls="VisionTextDualEncoderModel", texts=texts)
     with torch.no_grad():
-        assert (_unit(hf_out["image"]) - model.encode_image(pixels)).abs().max() <= 1e-4
-        assert (_unit(hf_out["text"]) - model.encode_text(tokens)).abs().max() <= 1e-4
+        assert (unit(hf_out["image"]) - model.encode_image(pixels)).abs().max() <= 1e-4
+        assert (unit(hf_out["text"]) - model.encode_text(tokens)).abs().max() <= 1e-4
     assert torch.equal(hf_out["input_ids"], tokens)
     imported = build_model(ModelConfig(embed_dim=16, towers={"image": {**IMAGE, "pretrained": str(out)},
                                                              "text": {**text, "pretrained": str(out)}})).eval()
@@ -415,7 +370,7 @@ with torch.no_grad():
 def test_audio_towers_go_beside_the_model_and_are_announced(tmp_path, options, frames):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT, "audio": {"kind": "hf_audio",
                                                                                   "options": options}})
-    model = _perturbed(cfg)
+    model = perturbed(cfg)
     said = []
     out = export_hf(model, cfg, tmp_path / "hf", announce=said.append)
     assert any(options["model_type"] in s and str(out / "audio") in s for s in said)
@@ -438,7 +393,7 @@ def test_timm_audio_tower_goes_beside_in_the_open_clip_export_layout(tmp_path):
 
 def test_clip_export_imports_back_into_open_clip_towers(tmp_path, capsys):
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE, "text": TEXT})
-    model = _perturbed(cfg)
+    model = perturbed(cfg)
     out = export_hf(model, cfg, tmp_path / "hf", announce=lambda _: None)
     again = ModelConfig(embed_dim=16, towers={"image": {**IMAGE, "pretrained": str(out)},
                                               "text": {**TEXT, "pretrained": str(out)}})

@@ -5,21 +5,18 @@ import contextlib
 import io
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers.paths import ROOT
+from helpers.runs import tiny_overrides  # noqa: E402
+from helpers.slurm_cluster import NODES  # noqa: E402
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.launch.env import REQUEUE_EXIT_CODE, discover_env, first_slurm_host
 from pipeline.launch.slurm import check_script, render_sbatch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import NODES  # noqa: E402
-from test_train import tiny_overrides  # noqa: E402
 
 
 def test_multi_node_gpu_script_has_every_option(tmp_path):

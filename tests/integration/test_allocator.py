@@ -2,7 +2,8 @@
 import statistics
 import subprocess
 import sys
-from pathlib import Path
+
+from helpers.paths import ROOT
 
 STEPS = """
 import resource, sys, torch
@@ -27,7 +28,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 10)
 
 def faults_per_step(mode: str) -> int:
     out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).parents[1])
+                         cwd=ROOT)
     return int(out.stdout)
 
 

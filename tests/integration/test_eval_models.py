@@ -4,13 +4,13 @@ import io
 import json
 import math
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from test_hf_export import IMAGE, TEXT, TEXTS, _bert, _perturbed, _save_pngs, _unit
 
+from helpers.hf import IMAGE, TEXT, TEXTS, bert, perturbed, save_pngs, unit
+from helpers.paths import ROOT
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
@@ -20,7 +20,7 @@ from pipeline.modalities.preprocess import preprocessors
 from pipeline.models.config import ModelConfig
 from pipeline.models.io import save_model
 
-DEMO_CAPTIONS = Path(__file__).parents[1] / "data" / "fashion_mnist" / "train.jsonl"
+DEMO_CAPTIONS = ROOT / "data" / "fashion_mnist" / "train.jsonl"
 
 # open_clip's default (OpenAI) mean/std, which an open_clip architecture with bare weights also uses
 IMAGE_DEFAULT_NORM = {**IMAGE, "options": {k: v for k, v in IMAGE["options"].items() if k not in ("mean", "std")}}
@@ -31,7 +31,7 @@ def exports(tmp_path_factory):
     """One run and every form it can be handed to eval in."""
     root = tmp_path_factory.mktemp("models")
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE_DEFAULT_NORM, "text": TEXT})
-    save_model(_perturbed(cfg).state_dict(), cfg, root / "run")
+    save_model(perturbed(cfg).state_dict(), cfg, root / "run")
     for fmt in ("hf", "open_clip", "safetensors"):
         assert main(["export", str(root / "run"), "--format", fmt, "--out", str(root / fmt)]) == 0
     arch = root / "tiny-vit-mmclip.json"  # an open_clip model-config JSON, as in open_clip's model_configs/
@@ -63,10 +63,10 @@ def test_every_model_kind_scores_like_the_run(demo_shards, exports, tmp_path, ki
 
 @pytest.mark.slow
 def test_dual_encoder_export_scores_like_the_run(demo_shards, tmp_path):
-    text = {"kind": "hf_text", "name": str(_bert(tmp_path)),
+    text = {"kind": "hf_text", "name": str(bert(tmp_path)),
             "options": {"context_length": 12, "hf_pooler_type": "cls_pooler", "hf_proj_type": "linear"}}
     cfg = ModelConfig(embed_dim=16, towers={"image": IMAGE_DEFAULT_NORM, "text": text})
-    save_model(_perturbed(cfg).state_dict(), cfg, tmp_path / "run")
+    save_model(perturbed(cfg).state_dict(), cfg, tmp_path / "run")
     assert main(["export", str(tmp_path / "run"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
     dataset = demo_shards / "demo" / "wds" / "fashion_mnist"
     ours = _eval(str(tmp_path / "run"), "zeroshot_classification", dataset, tmp_path / "run.json")
@@ -147,8 +147,8 @@ def _transformers_zeroshot(folder, images, prompts):
     model, processor = SiglipModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder, backend="pil")
     pixels = processor(images=images, return_tensors="pt").pixel_values
     ids = [processor(text=p, padding="max_length", return_tensors="pt").input_ids for p in prompts]
-    image = _unit(model.get_image_features(pixel_values=pixels).pooler_output)
-    text = torch.stack([_unit(_unit(model.get_text_features(input_ids=i).pooler_output).mean(0)) for i in ids])
+    image = unit(model.get_image_features(pixel_values=pixels).pooler_output)
+    text = torch.stack([unit(unit(model.get_text_features(input_ids=i).pooler_output).mean(0)) for i in ids])
     pairs = model(input_ids=torch.stack([i[0] for i in ids]), pixel_values=pixels[:20]).logits_per_image
     return image, text, model.logit_scale.exp() * image @ text.T + model.logit_bias, pairs
 
@@ -160,7 +160,7 @@ def test_siglip_folder_preprocesses_like_its_processor(siglip, tmp_path):
 
     processor = AutoProcessor.from_pretrained(siglip, backend="pil")
     ours = preprocessors(load_eval_model(str(siglip)).inputs(), None, train=False)
-    images = [Image.open(p) for p in _save_pngs(tmp_path, [None, None, (37, 45), (45, 37), (28, 100)])]
+    images = [Image.open(p) for p in save_pngs(tmp_path, [None, None, (37, 45), (45, 37), (28, 100)])]
     squashed = processor(images=images, return_tensors="pt").pixel_values  # resized to 32x32, never cropped
     assert (torch.stack([ours["image"](i) for i in images]) - squashed).abs().max() <= 1e-6
     ids = processor(text=TEXTS, padding="max_length", truncation=True, return_tensors="pt").input_ids

@@ -1,7 +1,8 @@
 """The small-batch losses end to end: global_clip (u tables keyed by global sample index) and mined hard
 negatives train on 1 and 2 ranks with GradCache, and a resumed run continues exactly."""
 import pytest
-from test_train import metrics, run, tiny_overrides, train_cmd
+
+from helpers.runs import metrics, run, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow  # starts training processes
 
@@ -55,7 +56,7 @@ def test_global_clip_refuses_shards_without_counts(demo_shards, tmp_path):
     import subprocess
     import sys
 
-    from test_train import ROOT
+    from helpers.paths import ROOT
 
     shards = tmp_path / "shards"
     shards.mkdir()

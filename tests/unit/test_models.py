@@ -1,8 +1,8 @@
 """Every tower kind builds from config with random init and encodes its modality to [B, embed_dim]."""
 import pytest
 import torch
-from tiny_bert import tiny_bert
 
+from helpers.tiny_bert import tiny_bert
 from pipeline.errors import UserError
 from pipeline.models import build_model, build_tower
 from pipeline.models.config import ModelConfig, TowerConfig

@@ -1,12 +1,13 @@
 """pipeline/ uses only public names of the libraries it builds on: private ones (`_x`) change without notice
 between releases. Checked statically with `ast` over every source file."""
 import ast
-from pathlib import Path
 
 import pytest
 
+from helpers.paths import ROOT
+
 LIBRARIES = {"open_clip", "timm", "transformers", "deepspeed", "webdataset"}
-PACKAGE = Path(__file__).parents[1] / "pipeline"
+PACKAGE = ROOT / "pipeline"
 
 
 def _private(name: str) -> bool:

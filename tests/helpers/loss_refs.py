@@ -1,13 +1,26 @@
-"""bf16 compute: every tiled loss on bf16 features stays within the documented tolerances of a float64
-evaluation of the very same bf16 values (loss relative error <= 3e-3, gradient cosine >= 0.9999,
-scale/bias gradient relative error <= 1e-2), while compute_dtype="fp32" reproduces the fp32 path."""
-import pytest
+"""Float64 references and bf16 error measures the loss tests share."""
 import torch
 import torch.nn.functional as F
 
 from pipeline.losses import clip_loss, siglip_loss, symile_loss
 
 LOSS_RTOL, MIN_COSINE, SCALE_RTOL = 3e-3, 0.9999, 1e-2
+
+
+def naive_hn_nce(a, b, s, negs=None, alpha=1.0, beta=0.0):
+    """DiHT's HN-NCE written out row by row on the full matrix (both directions; negatives a→b only)."""
+    z = s * a @ b.T
+
+    def log_denominators(z, extra=None):
+        out = []
+        for i in range(z.shape[0]):
+            off = torch.cat([z[i, :i], z[i, i + 1:]] + ([extra[i]] if extra is not None else []))
+            weights = off.shape[0] * torch.softmax(beta * off, 0)
+            out.append(torch.log(alpha * torch.exp(z[i, i]) + (weights * torch.exp(off)).sum()))
+        return torch.stack(out)
+
+    zn = s * torch.einsum("nd,nkd->nk", a, negs) if negs is not None else None
+    return (-torch.diagonal(z) + 0.5 * log_denominators(z, zn) + 0.5 * log_denominators(z.T)).mean()
 
 
 def bf16_values(b, d, m, seed):
@@ -51,32 +64,3 @@ def errors(got, want):
                           for g, w in zip(grads, ref_grads)),
             "scalars": max([abs(g.double() - w).item() / abs(w).item() for g, w in zip(scalars, ref_scalars)],
                            default=0.0)}
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_bf16_compute_is_close_to_float64_of_the_same_values(case):
-    b, m = (12, 3) if case == "symile_n_squared" else (150, 3 if case.startswith("symile") else 2)
-    feats, negs = bf16_values(b, 48, m, seed=len(case))
-    ref = evaluate(case, feats, negs, torch.float64)
-    got = evaluate(case, feats, negs, torch.bfloat16)
-    assert got[0].dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in got[1])
-    assert len(got[1]) == len(ref[1]) and len(got[2]) == len(ref[2])
-    err = errors(got, ref)
-    assert err["loss"] <= LOSS_RTOL and err["cosine"] >= MIN_COSINE and err["scalars"] <= SCALE_RTOL, err
-
-
-@pytest.mark.parametrize("case", ["clip_hard_negatives_hn_nce", "siglip", "symile_n_squared"])
-def test_fp32_compute_dtype_casts_bf16_inputs_to_fp32(case):
-    b, m = (12, 3) if case == "symile_n_squared" else (150, 3 if case.startswith("symile") else 2)
-    feats, negs = bf16_values(b, 48, m, seed=1)
-    ref = evaluate(case, feats, negs, torch.float64)
-    fp32 = errors(evaluate(case, feats, negs, torch.bfloat16, compute_dtype="fp32"), ref)
-    auto = errors(evaluate(case, feats, negs, torch.bfloat16), ref)
-    assert fp32["loss"] <= 1e-6 and fp32["cosine"] >= 1 - 1e-5 and fp32["scalars"] <= 1e-5, fp32
-    assert auto["loss"] > fp32["loss"]  # "auto" really ran the GEMMs in bf16
-
-
-def test_unknown_compute_dtype_is_refused():
-    a = torch.randn(4, 3)
-    with pytest.raises(ValueError, match="compute_dtype"):
-        clip_loss(a, a, torch.tensor(1.0), compute_dtype="bf16")

@@ -9,8 +9,8 @@ import open_clip
 import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score
-from tiny_bert import tiny_bert
 
+from helpers.tiny_bert import tiny_bert
 from pipeline.cli import main
 from pipeline.eval.zeroshot import classification_metrics, retrieval_metrics
 from pipeline.export.open_clip import export_open_clip

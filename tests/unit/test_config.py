@@ -1,14 +1,13 @@
 """Configs: every shipped file validates; each kind of bad input is one line naming file, key and value."""
-from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers.paths import ROOT
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -1,4 +1,4 @@
-"""A fourth modality added in one file (tests/plugin_vector.py) and loaded through `plugins:` trains with clip
+"""A fourth modality added in one file (tests/helpers/plugin_vector.py) and loaded through `plugins:` trains with clip
 and symile on 2 ranks, evaluates with retrieval against text, and exports to safetensors; no package edit."""
 import io
 import json
@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_train import ROOT, metrics, run, tiny_overrides, train_cmd
+
+from helpers.paths import ROOT
+from helpers.runs import metrics, run, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow  # starts training processes
 
-PLUGIN = str(Path(__file__).with_name("plugin_vector.py"))
+PLUGIN = str(ROOT / "tests" / "helpers" / "plugin_vector.py")
 MMCLIP = [sys.executable, "-m", "pipeline"]
 DIM = 16
 

@@ -1,4 +1,4 @@
-"""Seeded damage for WebDataset shards: the fault-injection suite's generator (tests/test_faults.py).
+"""Seeded damage for WebDataset shards: the fault-injection suite's generator (tests/system/test_faults.py).
 
 Each case takes a small, valid shard and damages it one way: byte flips, truncation at a random
 offset, a zero-length member, a duplicated key, or a member whose header declares a huge size.
