@@ -20,7 +20,8 @@ PROBE = r"""
 import json, sys, time, torch
 import torch.nn.functional as F
 from pipeline.losses import clip_loss, siglip_loss
-from pipeline.losses.objectives.global_clip import GlobalClipLoss
+from pipeline.losses import loss_config
+from pipeline.losses.objectives.global_clip import GlobalClip
 from pipeline.losses.objectives.mined_negatives import MinedNegatives
 from pipeline.losses.tiles import TileSpec, top_k_negatives
 from pipeline.bench.loss import PeakMemory
@@ -30,14 +31,15 @@ a, b = (F.normalize(torch.randn(B, D), dim=-1).requires_grad_() for _ in range(2
 scale, bias = torch.tensor(14.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
 a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)  # the inputs' gradients are not the loss's memory
 indices = torch.randperm(10 * B)[:B]
-gcl = GlobalClipLoss(10 * B, temperature=impl.split("_")[-1]) if impl.startswith("global") else None
+gcl = GlobalClip(loss_config("global_clip", temperature=impl.split("_")[-1], temperature_lr=1e-3),
+                 num_samples=10 * B) if impl.startswith("global") else None
 mined = MinedNegatives(top_k=K, mixed=S, mix_with_anchor=S2)
 def step(a, b, indices):
     if impl == "top_k_sweep":  # the mining sweep alone: no loss, no backward
         values, _ = top_k_negatives(a, b, K, TileSpec.resolve(a.device))
         return values.sum().requires_grad_()
     if gcl is not None:
-        loss = gcl(a, b, scale, indices, step=0)
+        loss = gcl.anchor_loss(a, b, scale, indices, step=0)
         loss.backward()
         gcl.commit()
         return loss
@@ -57,8 +59,8 @@ print(json.dumps({"seconds": seconds, "extra_mib": memory.extra_mib, "loss": los
 
 IMPLS = {
     "clip": "clip_loss (plain tiled)",
-    "global_clip_global": "GlobalClipLoss, global τ",
-    "global_clip_individual": "GlobalClipLoss, per-sample τ",
+    "global_clip_global": "global_clip, global τ",
+    "global_clip_individual": "global_clip, per-sample τ",
     "top_k_sweep": "top-k mining sweep alone (no grad)",
     "mined_clip": "clip_loss + mined negatives",
     "siglip": "siglip_loss (plain tiled)",

@@ -1,8 +1,11 @@
 """The global contrastive loss written out naively in float64, and the stateful steps its tests compare."""
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses.objectives.global_clip import GlobalClipLoss
+from pipeline.losses import loss_config
+from pipeline.losses.objectives.global_clip import GlobalClip
 
 N, D, M = 12, 6, 30  # global batch, feature dim, dataset size
 GAMMA, RHO = 0.3, 0.5
@@ -38,17 +41,16 @@ def batches():
 
 
 def run_steps(individual: bool, rows: slice, group, distributed: str = "gather") -> dict:
-    """Two steps of GlobalClipLoss on this rank's rows; the first step is committed, the second both
+    """Two steps of global_clip on this rank's rows; the first step is committed, the second both
     computed and committed; also an uncommitted third call, which must leave the tables alone."""
-    gcl = GlobalClipLoss(M, gamma=GAMMA, rho=RHO, temperature="individual" if individual else "global",
-                         tau_init=0.1, chunk_size=5, group=group, distributed=distributed, dtype=torch.float64)
+    gcl = global_clip(individual, group, gamma=GAMMA, rho=RHO, tau_init=0.1, chunk_size=5, distributed=distributed)
     scale = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
     out = {}
     for step, (a, b, idx) in enumerate(batches()):
         a, b = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
-        loss = gcl(a, b, scale, idx[rows], step)
+        loss = gcl.anchor_loss(a, b, scale, idx[rows], step)
         scale.grad = None
-        for p in gcl.temperature_parameters():
+        for p in gcl.extra_parameters():
             p.grad = None
         loss.backward()
         gcl.commit()
@@ -60,7 +62,7 @@ def run_steps(individual: bool, rows: slice, group, distributed: str = "gather")
     if individual:  # distinct per sample, so that restoring them is seen
         gcl.tau.values.data[:] = (0.1 + 1e-3 * gcl.tau.shard_indices())[:, None]
     a, b, idx = batches()[0]
-    gcl(a[rows], b[rows], scale, idx[rows], 5)  # not committed
+    gcl.anchor_loss(a[rows], b[rows], scale, idx[rows], 5)  # not committed
     return out, gcl
 
 
@@ -89,8 +91,20 @@ def compare(got: dict, want: dict, rows: slice, individual: bool) -> None:
             torch.testing.assert_close(got[step][key], want[step][key][rows], rtol=1e-10, atol=1e-12)
 
 
-def reloaded(directory, individual: bool, group=None) -> GlobalClipLoss:
+def global_clip(individual: bool, group=None, **options) -> GlobalClip:
+    """The registered loss over M samples with float64 tables; per-sample temperatures step at lr 0.05."""
+    cfg = loss_config("global_clip", temperature="individual" if individual else "global",
+                      temperature_lr=0.05 if individual else None, **options)
+    return GlobalClip(cfg, group=group, num_samples=M, dtype=torch.float64)
+
+
+def save(gcl: GlobalClip, directory, rank: int = 0) -> None:
+    """One file per rank, as a checkpoint keeps them."""
+    torch.save(gcl.state_dict(), Path(directory) / f"rank{rank}_state.pt")
+
+
+def reloaded(directory, individual: bool, group=None) -> GlobalClip:
     """A fresh loss in this world, loaded from the files another world saved."""
-    gcl = GlobalClipLoss(M, temperature="individual" if individual else "global", group=group, dtype=torch.float64)
-    gcl.load(directory)
+    gcl = global_clip(individual, group)
+    gcl.load_states([torch.load(f, weights_only=True) for f in sorted(Path(directory).glob("rank*_state.pt"))])
     return gcl

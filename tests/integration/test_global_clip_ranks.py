@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers.global_clip_ref import N, compare, naive_steps, reloaded, run_steps
+from helpers.global_clip_ref import N, compare, naive_steps, reloaded, run_steps, save
 from helpers.ranks import free_port
 
 
@@ -15,7 +15,7 @@ def worker(rank, world, port, individual, out_dir, mode):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = slice(rank * N // world, (rank + 1) * N // world)
     out, gcl = run_steps(individual, rows, dist.group.WORLD, mode)
-    gcl.save(os.path.join(out_dir, "world2"))
+    save(gcl, os.path.join(out_dir, "world2"), rank)
     resharded = reloaded(os.path.join(out_dir, "world1"), individual, dist.group.WORLD)
     out["resharded"] = {"u": resharded.log_u.values, "indices": resharded.log_u.shard_indices()}
     torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
@@ -30,7 +30,7 @@ def test_two_ranks_equal_one_and_state_reshards(individual, mode, tmp_path):
     _, single = run_steps(individual, slice(None), None)
     for sub in ("world1", "world2"):
         (tmp_path / sub).mkdir()
-    single.save(tmp_path / "world1")
+    save(single, tmp_path / "world1")
     mp.spawn(worker, args=(world, free_port(), individual, str(tmp_path), mode), nprocs=world)
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
     want = naive_steps(individual)

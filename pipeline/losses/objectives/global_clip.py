@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -93,96 +92,6 @@ def global_clip_loss(a: torch.Tensor, b: torch.Tensor, image_scale: torch.Tensor
     return GlobalClipOutput(loss, new_u[0], new_u[1])
 
 
-class GlobalClipLoss:
-    """The loss with its state: u tables (and per-sample temperatures) indexed by global sample index.
-
-    Per step: `loss = gcl(image, text, logit_scale, indices, step)`, backward, and only if the
-    step is kept (finite loss, optimiser stepped) `gcl.commit()`. `temperature="global"` uses the
-    model's `logit_scale` (learned by the trainer, in its own optimiser group); `"individual"`
-    keeps one τ per sample and anchor direction in a sharded table whose Parameter
-    (`temperature_parameters()`) gets sparse gradients for `torch.optim.SparseAdam`; the
-    model's logit scale is then unused, and `mean_temperature()` is what an export should carry.
-    """
-
-    def __init__(self, num_samples: int, *, gamma: float = 0.2, gamma_schedule: str = "constant",
-                 gamma_decay_steps: int | None = None, temperature: str = "global", rho: float = 8.0,
-                 tau_init: float = 0.07, tau_min: float = 0.01, tau_max: float = 1.0, chunk_size: int | None = None,
-                 group=None, distributed: str = "auto", dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        if temperature not in ("global", "individual"):
-            raise ValueError(f"unknown temperature {temperature!r}; allowed: global, individual")
-        if not 0 < gamma <= 1:
-            raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        gamma_at(0, gamma, gamma_schedule, gamma_decay_steps)  # rejects an unknown schedule now, not at step 0
-        self.gamma, self.gamma_schedule, self.gamma_decay_steps = gamma, gamma_schedule, gamma_decay_steps
-        self.rho, self.tau_min, self.tau_max = rho, tau_min, tau_max
-        self.chunk_size, self.group, self.distributed = chunk_size, group, distributed
-        table = dict(dtype=dtype, device=device, group=group)
-        self.log_u = SampleTable(num_samples, 2, float("nan"), **table)  # columns: image anchors, text anchors
-        individual = temperature == "individual"
-        self.tau = SampleTable(num_samples, 2, tau_init, trainable=True, **table) if individual else None
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, indices: torch.Tensor,
-                 step: int) -> torch.Tensor:
-        log_u = self.log_u.lookup(indices).to(image.device)
-        if self.tau is None:
-            image_scale = text_scale = logit_scale
-        else:
-            tau = self.tau.lookup(indices).to(image.device)
-            image_scale, text_scale = 1 / tau[:, 0], 1 / tau[:, 1]
-        out = global_clip_loss(image, text, image_scale, text_scale, log_u[:, 0], log_u[:, 1],
-                               gamma=gamma_at(step, self.gamma, self.gamma_schedule, self.gamma_decay_steps),
-                               rho=self.rho, chunk_size=self.chunk_size, group=self.group,
-                               distributed=self.distributed)
-        self.pending = (indices, torch.stack([out.log_u_image, out.log_u_text], 1))
-        return out.loss
-
-    def commit(self) -> None:
-        """Keep the last step's u (and clamp the temperatures the optimiser just stepped)."""
-        if self.pending is None:
-            raise RuntimeError("commit() without a loss computed since the last commit")
-        self.log_u.write(*self.pending)
-        self.pending = None
-        if self.tau is not None:
-            with torch.no_grad():
-                self.tau.values.clamp_(self.tau_min, self.tau_max)
-
-    def temperature_parameters(self) -> list[torch.nn.Parameter]:
-        return [] if self.tau is None else [self.tau.values]
-
-    def mean_temperature(self) -> float | None:
-        """Mean τ over every sample seen so far (all ranks); None for a global temperature."""
-        if self.tau is None:
-            return None
-        seen = ~torch.isnan(self.log_u.values).any(1)
-        totals = torch.stack([self.tau.values.detach()[seen].sum(), seen.sum().to(self.tau.values.dtype) * 2])
-        total, count = sum_ranks(totals, self.group).tolist()
-        return total / count if count else None
-
-    def state_dict(self) -> dict:
-        return {"log_u": self.log_u.state_dict(), **({"tau": self.tau.state_dict()} if self.tau is not None else {})}
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        """Restore from every saved rank's `state_dict()` (any number of ranks)."""
-        if (self.tau is not None) != all("tau" in s for s in states):
-            raise UserError("the saved global contrastive loss state and this run differ in `temperature` "
-                            "(global vs individual): resume with the temperature it was trained with")
-        self.log_u.load_state_dict([s["log_u"] for s in states])
-        if self.tau is not None:
-            self.tau.load_state_dict([s["tau"] for s in states])
-
-    def save(self, directory: str | Path) -> None:
-        """One file per rank (collective-free); a checkpoint keeps them all."""
-        torch.save(self.state_dict(), Path(directory) / f"global_clip_rank{self.log_u.rank}.pt")
-
-    def load(self, directory: str | Path) -> None:
-        """Load every saved rank's file, whatever the number of ranks that saved them."""
-        files = sorted(Path(directory).glob("global_clip_rank*.pt"))
-        if not files:
-            raise UserError(f"{directory}: no global_clip_rank*.pt to resume the global contrastive loss from")
-        self.load_state_dict([torch.load(f, weights_only=True, mmap=True) for f in files])
-
-
 class GlobalClipConfig(LossSection):
     kind: Literal["global_clip"] = "global_clip"
     gamma: float = Field(0.2, gt=0, le=1, description="moving-average rate of u (with cosine: its final value)")
@@ -207,36 +116,36 @@ class GlobalClipConfig(LossSection):
 
 @LOSSES.register("global_clip", config=GlobalClipConfig)
 class GlobalClip(ContrastiveLoss):
-    """The registered `global_clip` loss over two modalities: `GlobalClipLoss` behind the loss contract.
+    """The `global_clip` loss over two modalities, with its state: u tables (and per-sample temperatures)
+    indexed by global sample index, sharded over ranks (pipeline.losses.sample_table).
 
-    The first modality (sorted) plays the image role, the second the text role. The u tables and
-    per-sample temperatures are its state (saved per rank, restored into any number of ranks); a
-    step's updates are kept by `step_end(True)` only. Per-sample temperatures are stepped by their
-    own SparseAdam here, outside the engine (each rank holds a shard: nothing to all-reduce)."""
+    The first modality (sorted) plays the image role, the second the text role. A step's u updates are kept by
+    `step_end(True)` only (finite loss, optimiser stepped). `temperature: global` uses the model's
+    `logit_scale` (learned by the engine; `temperature_lr` gives it its own group); `individual` keeps one τ
+    per sample and anchor direction whose Parameter gets sparse gradients, stepped here by its own SparseAdam
+    outside the engine (each rank holds a shard: nothing to all-reduce); the model's logit scale is then
+    unused, and `exported_logit_scale()` is what an export carries. The state is saved per rank and restored
+    into any number of ranks."""
 
     requires = frozenset({"sample_index"})
 
-    def __init__(self, cfg: GlobalClipConfig, group=None, seed: int = 0, num_samples: int | None = None):
+    def __init__(self, cfg: GlobalClipConfig, group=None, seed: int = 0, num_samples: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         super().__init__(cfg, group, seed)
         if not num_samples:
             raise UserError("loss.kind 'global_clip' needs the dataset's sample count (sizes.json next to the shards)")
-        self.gcl = GlobalClipLoss(num_samples, gamma=cfg.gamma, gamma_schedule=cfg.gamma_schedule,
-                                  gamma_decay_steps=cfg.gamma_decay_steps, temperature=cfg.temperature, rho=cfg.rho,
-                                  tau_init=cfg.tau_init, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
-                                  chunk_size=cfg.chunk_size, group=group, distributed=cfg.distributed)
-        taus = self.gcl.temperature_parameters()
-        self.tau_optimizer = torch.optim.SparseAdam(taus, lr=cfg.temperature_lr) if taus else None
+        table = dict(dtype=dtype, device=device, group=group)
+        self.log_u = SampleTable(num_samples, 2, float("nan"), **table)  # columns: image anchors, text anchors
+        individual = cfg.temperature == "individual"
+        self.tau = SampleTable(num_samples, 2, cfg.tau_init, trainable=True, **table) if individual else None
+        self.tau_optimizer = torch.optim.SparseAdam([self.tau.values], lr=cfg.temperature_lr) if individual else None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         """With `temperature_lr`, the model's logit scale learns at that rate, without weight decay."""
         if self.cfg.temperature_lr is None:
             return []
         return [{"params": [model.get_parameter("logit_scale")], "weight_decay": 0.0, "lr": self.cfg.temperature_lr}]
-
-    def exported_logit_scale(self) -> float | None:
-        """With per-sample temperatures, log(1/mean τ) over the samples seen (global: the model's own)."""
-        tau = self.gcl.mean_temperature()
-        return None if tau is None else -math.log(tau)
 
     def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         modalities = modalities_of(features)
@@ -246,27 +155,75 @@ class GlobalClip(ContrastiveLoss):
             raise UserError("loss.kind 'global_clip' needs every sample's global index: put sizes.json next to "
                             "the shards")
         image, text = (features[m] for m in modalities)
-        return self.gcl(image, text, features["logit_scale"], index.to(image.device), step)
+        return self.anchor_loss(image, text, features["logit_scale"], index.to(image.device), step)
 
-    def extra_parameters(self) -> list[torch.nn.Parameter]:
-        return self.gcl.temperature_parameters()
+    def anchor_loss(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, indices: torch.Tensor,
+                    step: int) -> torch.Tensor:
+        """This rank's rows of the two modalities at their global `indices`; the new u wait in `pending`."""
+        cfg = self.cfg
+        log_u = self.log_u.lookup(indices).to(image.device)
+        if self.tau is None:
+            image_scale = text_scale = logit_scale
+        else:
+            tau = self.tau.lookup(indices).to(image.device)
+            image_scale, text_scale = 1 / tau[:, 0], 1 / tau[:, 1]
+        out = global_clip_loss(image, text, image_scale, text_scale, log_u[:, 0], log_u[:, 1],
+                               gamma=gamma_at(step, cfg.gamma, cfg.gamma_schedule, cfg.gamma_decay_steps),
+                               rho=cfg.rho, chunk_size=cfg.chunk_size, group=self.group, distributed=cfg.distributed)
+        self.pending = (indices, torch.stack([out.log_u_image, out.log_u_text], 1))
+        return out.loss
+
+    def commit(self) -> None:
+        """Keep the last step's u (and clamp the temperatures the optimiser just stepped)."""
+        if self.pending is None:
+            raise RuntimeError("commit() without a loss computed since the last commit")
+        self.log_u.write(*self.pending)
+        self.pending = None
+        if self.tau is not None:
+            with torch.no_grad():
+                self.tau.values.clamp_(self.cfg.tau_min, self.cfg.tau_max)
 
     def step_end(self, finite: bool) -> None:
         if finite:
             if self.tau_optimizer is not None:
                 self.tau_optimizer.step()
-            self.gcl.commit()
+            self.commit()
         else:
-            self.gcl.pending = None
+            self.pending = None
         if self.tau_optimizer is not None:
             self.tau_optimizer.zero_grad(set_to_none=True)
 
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        return [] if self.tau is None else [self.tau.values]
+
+    def mean_temperature(self) -> float | None:
+        """Mean τ over every sample seen so far (all ranks); None for a global temperature."""
+        if self.tau is None:
+            return None
+        seen = ~torch.isnan(self.log_u.values).any(1)
+        totals = torch.stack([self.tau.values.detach()[seen].sum(), seen.sum().to(self.tau.values.dtype) * 2])
+        total, count = sum_ranks(totals, self.group).tolist()
+        return total / count if count else None
+
+    def exported_logit_scale(self) -> float | None:
+        """With per-sample temperatures, log(1/mean τ) over the samples seen (global: the model's own)."""
+        tau = self.mean_temperature()
+        return None if tau is None else -math.log(tau)
+
     def state_dict(self, *args, **kwargs) -> dict:
-        return {"gcl": self.gcl.state_dict(),
-                **({"tau_optimizer": self.tau_optimizer.state_dict()} if self.tau_optimizer else {})}
+        tables = {"log_u": self.log_u.state_dict(), **({"tau": self.tau.state_dict()} if self.tau is not None else {})}
+        return {"gcl": tables, **({"tau_optimizer": self.tau_optimizer.state_dict()} if self.tau_optimizer else {})}
 
     def load_states(self, states: list[dict]) -> None:
-        self.gcl.load_state_dict([s["gcl"] for s in states])
+        """Restore from every saved rank's `state_dict()` (any number of ranks; the SparseAdam moments are per
+        shard, so they come back only on the same number of ranks)."""
+        tables = [s["gcl"] for s in states]
+        if (self.tau is not None) != all("tau" in t for t in tables):
+            raise UserError("the saved global contrastive loss state and this run differ in `temperature` "
+                            "(global vs individual): resume with the temperature it was trained with")
+        self.log_u.load_state_dict([t["log_u"] for t in tables])
+        if self.tau is not None:
+            self.tau.load_state_dict([t["tau"] for t in tables])
         rank, world = rank_and_world(self.group)
-        if self.tau_optimizer is not None and len(states) == world:  # its moments are per shard: same ranks only
+        if self.tau_optimizer is not None and len(states) == world:
             self.tau_optimizer.load_state_dict(states[rank]["tau_optimizer"])
