@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
@@ -116,7 +116,7 @@ class GlobalClipLoss:
         self.gamma, self.gamma_schedule, self.gamma_decay_steps = gamma, gamma_schedule, gamma_decay_steps
         self.rho, self.tau_min, self.tau_max = rho, tau_min, tau_max
         self.chunk_size, self.group, self.distributed = chunk_size, group, distributed
-        table = dict(dtype=dtype, device=device, group=group)
+        table: dict[str, Any] = dict(dtype=dtype, device=device, group=group)
         self.log_u = SampleTable(num_samples, 2, float("nan"), **table)  # columns: image anchors, text anchors
         individual = temperature == "individual"
         self.tau = SampleTable(num_samples, 2, tau_init, trainable=True, **table) if individual else None
@@ -148,7 +148,10 @@ class GlobalClipLoss:
                 self.tau.values.clamp_(self.tau_min, self.tau_max)
 
     def temperature_parameters(self) -> list[torch.nn.Parameter]:
-        return [] if self.tau is None else [self.tau.values]
+        if self.tau is None:
+            return []
+        assert isinstance(self.tau.values, torch.nn.Parameter)  # the τ table is made trainable
+        return [self.tau.values]
 
     def mean_temperature(self) -> float | None:
         """Mean τ over every sample seen so far (all ranks); None for a global temperature."""
@@ -215,6 +218,7 @@ class GlobalClip(ContrastiveLoss):
     own SparseAdam here, outside the engine (each rank holds a shard: nothing to all-reduce)."""
 
     requires = frozenset({"sample_index"})
+    cfg: GlobalClipConfig
 
     def __init__(self, cfg: GlobalClipConfig, group=None, seed: int = 0, num_samples: int | None = None):
         super().__init__(cfg, group, seed)
@@ -225,7 +229,10 @@ class GlobalClip(ContrastiveLoss):
                                   tau_init=cfg.tau_init, tau_min=cfg.tau_min, tau_max=cfg.tau_max,
                                   chunk_size=cfg.chunk_size, group=group, distributed=cfg.distributed)
         taus = self.gcl.temperature_parameters()
-        self.tau_optimizer = torch.optim.SparseAdam(taus, lr=cfg.temperature_lr) if taus else None
+        self.tau_optimizer = None
+        if taus:  # per-sample temperatures, for which GlobalClipConfig requires temperature_lr
+            assert cfg.temperature_lr is not None
+            self.tau_optimizer = torch.optim.SparseAdam(taus, lr=cfg.temperature_lr)
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
         """With `temperature_lr`, the model's logit scale learns at that rate, without weight decay."""
