@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TypedDict
 
 import torch
+from typing_extensions import Required  # typing.Required is 3.11+
 
 
 class Batch(TypedDict, total=False):
@@ -28,11 +29,11 @@ class Features(TypedDict, total=False):
     """The model's output for a batch. Besides these keys, for every modality M:
     `features[M]`: L2-normalised embeddings [n, D]; `features[f"{M}_neg"]`: [n, K, D]."""
 
-    logit_scale: torch.Tensor  # exp(learned log-scale), a scalar
+    logit_scale: Required[torch.Tensor]  # exp(learned log-scale), a scalar; always there
     logit_bias: torch.Tensor   # a scalar, present when the model has a bias (sigmoid loss)
 
 
-SCALARS = ("logit_scale", "logit_bias")  # Features entries that are not per-sample rows
+SCALARS: tuple[str, ...] = ("logit_scale", "logit_bias")  # Features entries that are not per-sample rows
 
 
 def modalities_of(features: Features) -> list[str]:

@@ -10,6 +10,7 @@ pipeline.registry) are validated against the registries when a config is parsed.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,7 +104,7 @@ def parse_config(raw: Any, source: str) -> RunConfig:
         raise UserError(f"{source}: {exc}") from None
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML run config, apply `--set` overrides, validate."""
     path = Path(path)
     if path.is_dir():

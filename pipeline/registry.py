@@ -54,6 +54,12 @@ class Registry:
                             f"(or register one from a module listed in plugins:)")
         return self._entries[name]
 
+    def section(self, name: str, key: str) -> type:
+        """The config section `name` registered with (every modality and loss registers one)."""
+        config = self.get(name, key).config
+        assert config is not None, f"{self.what} {name!r} was registered without config="
+        return config
+
     def __contains__(self, name: str) -> bool:
         self._load()
         return name in self._entries
@@ -75,6 +81,7 @@ def import_plugins(plugins: list[str], source: str) -> None:
             if name in sys.modules:
                 continue
             spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None and spec.loader is not None  # a .py file always gets a source loader
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             spec.loader.exec_module(module)

@@ -5,11 +5,14 @@ Each component owns its section beside its code (`pipeline/data/config.py`, `pip
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from pipeline import registry
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 class Section(BaseModel):
@@ -18,7 +21,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def error_line(err: dict, prefix: str = "", raw: Any = None) -> str:
+def error_line(err: ErrorDetails, prefix: str = "", raw: Any = None) -> str:
     """One pydantic error as one line naming the key (under `prefix`), the bad value and what is allowed;
     the value is looked up in `raw` (the YAML as written) when given."""
     key = ".".join([*([prefix] if prefix else []), *(str(p) for p in err["loc"])]) or "(top level)"

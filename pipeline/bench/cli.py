@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from typing import TYPE_CHECKING
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.data.config import DataConfig
 
 REALISTIC_CONFIG = "configs/bench_realistic.yaml"
 
@@ -56,7 +60,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--out", default="docs/bench", help="where tables and plots go")
 
 
-def tower_inputs(config: str) -> tuple[dict, object]:
+def tower_inputs(config: str) -> tuple[dict, DataConfig]:
     """(each tower's input description, the data section) of a run config, for the data bench."""
     from pipeline.config import load_config
     from pipeline.models import build_model

@@ -126,6 +126,7 @@ class PeakMemory:
         return self
 
     def _sample(self):
+        assert self._stop is not None and self._in_use is not None  # the thread runs only when both are set
         while not self._stop.wait(self.interval):
             self.peak = max(self.peak, self._in_use())
 
@@ -133,6 +134,7 @@ class PeakMemory:
         if self._stop is None:
             self.peak = _status_bytes("VmHWM")
         else:
+            assert self._in_use is not None  # a sampling thread (self._stop) needs mallinfo2
             self._stop.set()
             self._thread.join()
             self.peak = max(self.peak, self._in_use())

@@ -83,7 +83,9 @@ def _demo_items(data_root: Path) -> list[tuple[np.ndarray, str]]:
     with tarfile.open(data_root / "fashion_mnist/images.tar.gz") as tar:
         for member in tar:
             if member.name in captions:
-                grey = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("L"))
+                file = tar.extractfile(member)
+                assert file is not None, member.name  # a regular file: the captions name image files
+                grey = np.asarray(Image.open(io.BytesIO(file.read())).convert("L"))
                 items.append((grey, captions[member.name]))
     return items
 
@@ -97,19 +99,19 @@ def photo_like(items: list[np.ndarray], rng: np.random.Generator):
     canvas = np.zeros((height, width, 3), np.float32)
     for cells, amplitude in ((3, 1.0), (12, 0.25)):
         coarse = rng.uniform(0, 255, (cells, cells + 1, 3)).astype(np.uint8)
-        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.float32)
+        field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
         canvas += amplitude * (field - 128)
     canvas = canvas / 1.25 + 128
     for grey in items:
         side = int(min(width, height) * rng.uniform(0.2, 0.7))
-        patch = np.asarray(Image.fromarray(grey).resize((side, side), Image.BICUBIC), np.float32) / 255
+        patch = np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.BICUBIC), np.float32) / 255
         y, x = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
         alpha = np.clip(patch * 1.5, 0, 1)[..., None]
         colour = rng.uniform(0, 255, 3).astype(np.float32) * (0.4 + 0.6 * patch[..., None])
         region = canvas[y:y + side, x:x + side]
         canvas[y:y + side, x:x + side] = region * (1 - alpha) + colour * alpha
     grain = rng.standard_normal((height // 2, width // 2), dtype=np.float32)
-    grain = np.asarray(Image.fromarray(grain, mode="F").resize((width, height), Image.BILINEAR))
+    grain = np.asarray(Image.fromarray(grain, mode="F").resize((width, height), Image.Resampling.BILINEAR))
     canvas += (NOISE_GREY / grain.std()) * grain[..., None]
     return Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8))
 

@@ -50,7 +50,9 @@ def _run_measured(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[i
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
         return -1, output
-    return int(re.search(r"MMCLIP_MAXRSS_KIB (\d+)", output).group(1)) // 1024, output
+    match = re.search(r"MMCLIP_MAXRSS_KIB (\d+)", output)
+    assert match is not None, output  # MEASURE prints it when the command succeeded
+    return int(match.group(1)) // 1024, output
 
 
 def open_clip_model_config(cfg: RunConfig) -> dict:

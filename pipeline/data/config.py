@@ -2,7 +2,7 @@
 are the modalities' own (pipeline/modalities)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -40,14 +40,15 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _modality_sections(self):
-        for name, raw in list((self.model_extra or {}).items()):
+        extra = self.model_extra or {}
+        for name, raw in list(extra.items()):
             if name not in MODALITIES:
                 raise ValueError(f"unknown key 'data.{name}'; allowed: the keys of data and the modalities "
                                  f"{MODALITIES.names()}")
             if not isinstance(raw, BaseModel):
-                self.model_extra[name] = validate_section(MODALITIES.get(name, "data").config, raw or {}, f"data.{name}")
+                extra[name] = validate_section(MODALITIES.section(name, "data"), raw or {}, f"data.{name}")
         return self
 
-    def modality(self, name: str):
-        """The `data.<name>` section (its defaults when the config does not set it)."""
-        return (self.model_extra or {}).get(name) or MODALITIES.get(name, "data").config()
+    def modality(self, name: str) -> Any:
+        """The `data.<name>` section (its defaults when the config does not set it); its class is the modality's."""
+        return (self.model_extra or {}).get(name) or MODALITIES.section(name, "data")()

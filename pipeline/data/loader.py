@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import signal
 from collections import Counter
-from typing import Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, cast
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -29,10 +29,12 @@ def _register_fsspec_schemes() -> None:
     import importlib
 
     import fsspec
+    from fsspec.core import OpenFile
 
     schemes = importlib.import_module("webdataset.gopen").gopen_schemes  # the attribute is the function gopen
     for scheme in ("s3", "gs", "hf"):
-        schemes[scheme] = lambda url, mode="rb", bufsize=8192: fsspec.open(url, mode).open()
+        # fsspec.open returns one OpenFile; its type is inferred from `open_files(...)[0]` as OpenFiles
+        schemes[scheme] = lambda url, mode="rb", bufsize=8192: cast(OpenFile, fsspec.open(url, mode)).open()
 
 
 def sample_offsets(sources, sizes: dict[str, int]) -> dict[str, int] | None:
@@ -60,7 +62,7 @@ def count_short_shards(samples: Iterator[dict], sizes: dict[str, int], skipped: 
             close()
             url, seen = sample.get("__url__"), 0
         seen += 1
-        if seen == sizes.get(url):
+        if url is not None and seen == sizes.get(url):
             url, seen = None, 0  # complete; the same shard may be drawn again right away
         yield sample
     close()
@@ -207,7 +209,8 @@ class ShardStream(IterableDataset):
         except NoData as exc:  # handed to the trainer as a record: worker exceptions reach it as tracebacks
             yield {"fatal": str(exc)}
 
-    def _batches(self, urls, rng: random.Random, skipped: Counter, guard: "NoDataGuard") -> Iterator[dict]:
+    def _batches(self, urls, rng: random.Random, skipped: Counter,
+                 guard: "NoDataGuard") -> Iterator[Batch | dict[str, Any]]:
         samples = guard.read(urls, self.offsets)
         samples = count_short_shards(samples, self.sizes, skipped)
         if self.train and self.cfg.shuffle_buffer > 1:
@@ -235,7 +238,7 @@ class ShardStream(IterableDataset):
         elif batch:  # training takes full batches only: what is left at the end of a finite stream is counted
             skipped["partial_last_batch"] += len(batch)
         if pending is not None:
-            pending["skipped"] = dict(Counter(pending["skipped"]) + skipped)
+            pending["skipped"] = dict(Counter(pending.get("skipped", {})) + skipped)
             yield pending
         elif skipped or guard.shards_read:  # a finite stream that made no batch still reports what it saw
             yield {"skipped": dict(skipped), "shards": guard.shards_read}
@@ -265,8 +268,8 @@ class ShardStream(IterableDataset):
         return out
 
     def _collate(self, items: list[dict], skipped: Counter) -> Batch:
-        batch = {"key": [it["key"] for it in items], "label": torch.tensor([it["label"] for it in items]),
-                 "index": torch.tensor([it["index"] for it in items]), "mask": {}, "skipped": dict(skipped)}
+        batch: Batch = {"key": [it["key"] for it in items], "label": torch.tensor([it["label"] for it in items]),
+                        "index": torch.tensor([it["index"] for it in items]), "mask": {}, "skipped": dict(skipped)}
         for m in self.modalities:
             pre = self.preprocess[m]
             placeholder = torch.zeros(pre.shape, dtype=pre.dtype)

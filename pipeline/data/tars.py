@@ -26,9 +26,12 @@ def _local_members(source: dict, handler: Callable[[Exception], bool]) -> Iterat
     try:
         tar = tarfile.open(fileobj=source["stream"], mode="r:")
         while (info := tar.next()) is not None:
-            tar.members = []  # headers are not kept: shards hold many thousands of members
+            # headers are not kept: shards hold many thousands of members (typeshed omits TarFile.members)
+            tar.members = []  # pyright: ignore[reportAttributeAccessIssue]
             if info.isreg() and not META_MEMBER.match(info.name):
-                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": source["url"]}
+                file = tar.extractfile(info)
+                assert file is not None  # a regular member has a file object
+                yield {"fname": info.name, "data": file.read(), "__url__": source["url"]}
     except Exception as exc:
         exc.args = exc.args + (source["url"],)
         handler(exc)

@@ -224,6 +224,7 @@ class _BenchmarkSet:
             _atomic_write(root / "dataset_type.txt", "retrieval\n")
             return
         (root / "dataset_type.txt").unlink(missing_ok=True)  # absent means classification
+        assert self.classnames is not None and self.templates is not None  # `describe` sets both for classification
         _atomic_write(root / "classnames.txt", "".join(n + "\n" for n in self.classnames))
         _atomic_write(root / "zeroshot_classification_templates.txt", "".join(t + "\n" for t in self.templates))
 

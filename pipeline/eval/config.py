@@ -16,6 +16,6 @@ class EvalTask(Section):
 
 
 class EvalConfig(Section):
-    every_steps: Optional[int] = Field(None, gt=0)
-    batch_size: int = Field(256, gt=0)
+    every_steps: Optional[int] = Field(default=None, gt=0)
+    batch_size: int = Field(default=256, gt=0)
     tasks: list[EvalTask] = Field(default_factory=list)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -64,9 +64,9 @@ def iter_batches(eval_set: EvalSet, modalities: list[str], preprocess: dict[str,
 
     batch: list[dict] = []
     # each modality's own default members; captions are read for retrieval (classification uses class names)
-    sections = {m: MODALITIES.get(m, "--modality").config() for m in modalities if m != "text"}
+    sections = {m: MODALITIES.section(m, "--modality")() for m in modalities if m != "text"}
     if eval_set.kind == "retrieval":
-        sections["text"] = MODALITIES.get("text", "eval").config()
+        sections["text"] = MODALITIES.section("text", "eval")()
     for raw in tar_samples(({"url": u} for u in eval_set.urls), on_error):
         try:
             sample = decode_sample(raw, sections)
@@ -86,7 +86,7 @@ def iter_batches(eval_set: EvalSet, modalities: list[str], preprocess: dict[str,
 
 
 def _collate(items: list[dict]) -> dict:
-    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("label", "captions")}
+    out: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("label", "captions")}
     out["label"] = torch.tensor([it["label"] for it in items])
     out["captions"] = [it["captions"] for it in items]
     return out

@@ -96,7 +96,8 @@ def load_open_clip_arch(spec: str) -> MultiModalCLIP:
             raise UserError(f"{spec}: model config {arch} not found")
         open_clip.add_model_config(arch)
         arch = Path(arch).stem
-    if open_clip.get_model_config(arch) is None:
+    model_config = open_clip.get_model_config(arch)
+    if model_config is None:
         raise UserError(f"{spec}: {arch!r} is not an open_clip architecture (open_clip.list_models()) nor a "
                         f"model-config JSON file")
     if not Path(weights).is_file():
@@ -105,7 +106,7 @@ def load_open_clip_arch(spec: str) -> MultiModalCLIP:
     missing, unexpected = oc.load_state_dict(load_file(weights), strict=False)
     if missing or unexpected:
         raise UserError(f"{spec}: {weights} does not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return _open_clip_model(oc.eval(), open_clip.get_model_config(arch)["text_cfg"])
+    return _open_clip_model(oc.eval(), model_config["text_cfg"])
 
 
 # -------------------------------------------------------------------------------------- transformers

@@ -78,12 +78,15 @@ def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size
         metrics = retrieval_metrics(F.normalize(feats[modality], dim=-1), F.normalize(feats[target], dim=-1),
                                     torch.arange(len(labels)))
     elif task == "zeroshot_retrieval":
+        assert tokenize is not None, "the text modality's preprocessor is not a TextTokenizer"
         texts = [c for caps in captions for c in caps]
         owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
         text_feats = torch.cat([model.encode("text", tokenize(texts[i:i + batch_size]).to(device)).float().cpu()
                                 for i in range(0, len(texts), batch_size)])
         metrics = retrieval_metrics(F.normalize(feats[modality], dim=-1), F.normalize(text_feats, dim=-1), owner)
     else:
+        assert tokenize is not None, "the text modality's preprocessor is not a TextTokenizer"
+        assert eval_set.classnames is not None  # open_eval_set requires them for classification
         classifier = class_embeddings(encode_text, tokenize, eval_set.classnames, _templates(templates, eval_set),
                                       device).cpu()
         if task == "zeroshot_classification":

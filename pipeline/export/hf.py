@@ -110,7 +110,7 @@ def write_clip_tokenizer(folder: Path, context_length: int):
     special = {bpe.sot_token_id: BOS, bpe.eot_token_id: EOS}
     vocab = {special.get(i, token): i for token, i in bpe.encoder.items()}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.__getitem__)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), pad_token=PAD, model_max_length=context_length)
     tokenizer.save_pretrained(folder)

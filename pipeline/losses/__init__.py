@@ -37,7 +37,7 @@ def build_loss(cfg, group=None, seed: int = 0, num_samples: int | None = None) -
 
 def loss_config(kind: str, **options):
     """A loss section from Python, validated like the YAML one: `loss_config("clip", chunk_size=64)`."""
-    return LOSSES.get(kind, "loss.kind").config(kind=kind, **options)
+    return LOSSES.section(kind, "loss.kind")(kind=kind, **options)
 
 
 __all__ = ["clip_loss", "siglip_loss", "symile_loss", "ContrastiveLoss", "build_loss", "loss_config"]

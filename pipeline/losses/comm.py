@@ -96,7 +96,7 @@ class Ring:
         self.rows = tensors[0].shape[0]
         self.part_rows = part_rows if self.group is not None and part_rows else self.rows
         self.step = 0  # counts every exchange step, so each message has its own tag
-        self.carried: list[torch.Tensor] | None = None
+        self._carried: list[torch.Tensor] | None = None
         self._first = True
         self._sends: list = []
         self._arriving: list = []
@@ -139,12 +139,18 @@ class Ring:
         if not totals:
             return
         if self.part_rows == self.rows:
-            self.carried = totals
+            self._carried = totals
             return
-        if self.carried is None:
-            self.carried = [t.new_empty((self.rows,) + t.shape[1:]) for t in totals]
-        for whole, part in zip(self.carried, totals):
+        if self._carried is None:
+            self._carried = [t.new_empty((self.rows,) + t.shape[1:]) for t in totals]
+        for whole, part in zip(self._carried, totals):
             whole[p0:p1] = part
+
+    @property
+    def carried(self) -> list[torch.Tensor]:
+        """This rank's own block's totals, once the iteration (with `give` at every step) is over."""
+        assert self._carried is not None, "Ring.carried read before any accumulators came back"
+        return self._carried
 
     def take(self, fresh) -> list[torch.Tensor]:
         if self._first or self.group is None:

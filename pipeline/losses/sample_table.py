@@ -43,10 +43,11 @@ class _Route:
         owner = indices % world
         self.order = torch.argsort(owner, stable=True)
         self.unorder = torch.argsort(self.order)
-        self.send = torch.bincount(owner, minlength=world)
-        recv = torch.empty_like(self.send)
-        dist.all_to_all_single(recv, self.send, group=group)
-        self.send, self.recv = self.send.tolist(), recv.tolist()
+        send = torch.bincount(owner, minlength=world)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)
+        self.send: list[int] = send.tolist()
+        self.recv: list[int] = recv.tolist()
         self.asked_rows = _all_to_all((indices // world)[self.order], self.send, self.recv, group)
 
 

@@ -31,9 +31,9 @@ FILTER_HALF_WIDTH = 10  # scipy.signal.resample_poly's default window: 10 * max(
 
 class AudioData(ModalityData):
     extensions: list[str] = ["flac", "wav", "mp3", "ogg"]
-    sample_rate: int = Field(16000, gt=0)
-    seconds: float = Field(2.0, gt=0)
-    crops: int = Field(1, ge=1, description="crops per sample; the audio embedding is the mean over them")
+    sample_rate: int = Field(default=16000, gt=0)
+    seconds: float = Field(default=2.0, gt=0)
+    crops: int = Field(default=1, ge=1, description="crops per sample; the audio embedding is the mean over them")
 
 
 @dataclass

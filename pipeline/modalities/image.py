@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any, Callable, cast
 
 import torch
 
@@ -77,6 +78,7 @@ class ImageTransform:
                  resize_mode: str = "shortest"):
         self.image_size, self.train = image_size, train
         self.shape = (3, image_size, image_size)
+        self.transform: Callable[[Any], torch.Tensor]
         if train:
             from torchvision import transforms as T
 
@@ -88,8 +90,10 @@ class ImageTransform:
             from open_clip.transform import image_transform
 
             self.dtype, self.collate = torch.float32, torch.stack
-            self.transform = image_transform(image_size, is_train=False, mean=tuple(mean), std=tuple(std),
-                                             interpolation=interpolation, resize_mode=resize_mode)
+            # one Compose when not training (open_clip's inferred return type also has the training tuple)
+            self.transform = cast(Callable[[Any], torch.Tensor], image_transform(
+                image_size, is_train=False, mean=tuple(mean), std=tuple(std), interpolation=interpolation,
+                resize_mode=resize_mode))
 
     def __call__(self, image) -> torch.Tensor:
         return self.transform(load_rgb(image, self.image_size if self.train else None))

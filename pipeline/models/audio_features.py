@@ -8,6 +8,9 @@ from torch import nn
 class LogMel(nn.Module):
     """waveform [B, T] -> log-mel [B, n_mels, frames]; CLAP-style defaults scaled to the sample rate."""
 
+    mel_bank: torch.Tensor  # buffers, registered in __init__
+    window: torch.Tensor
+
     def __init__(self, sample_rate: int = 16000, n_fft: int | None = None, hop_length: int | None = None,
                  n_mels: int = 64, f_min: float = 50.0, f_max: float | None = None):
         super().__init__()

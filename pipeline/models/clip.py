@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class MultiModalCLIP(nn.Module):
         parameters themselves are only materialised inside forward, so the loss must get them from here.
         """
         masks = batch.get("mask", {})
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         for m in self.modalities:
             features = self.encode(m, batch[m])
             mask = masks.get(m)
@@ -77,7 +77,7 @@ class MultiModalCLIP(nn.Module):
         out["logit_scale"] = self.logit_scale.clamp(max=MAX_LOG_SCALE).exp().squeeze(0)
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.squeeze(0) * 1.0
-        return out
+        return cast(Features, out)  # per-modality keys besides the scalars: see pipeline.batch
 
 
 def build_model(cfg: ModelConfig) -> MultiModalCLIP:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import asdict, fields
 from functools import partial
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from pipeline.modalities.image import ImagePreprocess, normalize_uint8
 from pipeline.modalities.text import TextPreprocess
 from pipeline.models.config import TowerConfig
 from pipeline.registry import TOWERS
+
+if TYPE_CHECKING:
+    from pipeline.models.audio_features import LogMel
 
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
@@ -160,7 +163,7 @@ class MelEncoder(nn.Module):
         return self.proj(pooled)
 
 
-def _frontend(opts: dict) -> tuple[nn.Module, int]:
+def _frontend(opts: dict) -> tuple[LogMel, int]:
     from pipeline.models.audio_features import LogMel
 
     sample_rate = int(opts.pop("sample_rate", 16000))
@@ -180,7 +183,8 @@ def _timm_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
         backbone = timm.create_model(cfg.name, pretrained=False, in_chans=1, num_classes=0, **opts)
     except (RuntimeError, TypeError) as exc:
         raise UserError(f"model.towers.audio: timm cannot build {cfg.name!r} with {opts}: {exc}") from None
-    encoder = MelEncoder(frontend, backbone, backbone.num_features, embed_dim, layout="image")
+    width = cast(int, backbone.num_features)  # timm models set it; create_model is typed as returning nn.Module
+    encoder = MelEncoder(frontend, backbone, width, embed_dim, layout="image")
     return Tower(cfg.kind, encoder, AudioPreprocess(sample_rate))
 
 
@@ -197,8 +201,10 @@ def _hf_audio(cfg: TowerConfig, embed_dim: int) -> Tower:
     except (ValueError, KeyError) as exc:
         raise UserError(f"model.towers.audio: transformers has no audio config {model_type!r} ({exc})") from None
     if hf_cfg.model_type == "whisper":
+        from transformers import WhisperConfig
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+        assert isinstance(hf_cfg, WhisperConfig)
         hf_cfg.num_mel_bins = frontend.n_mels  # the encoder's first conv reads our mel bins
         backbone, layout = WhisperEncoder(hf_cfg), "mels"
     else:

@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from pipeline.data.config import DataConfig
 from pipeline.data.sources import expand_spec, shard_sizes
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.batch import Batch
 
 
 def epoch_batches(cfg: DataConfig) -> int:
@@ -41,7 +44,7 @@ class Tally:
     shards: int = 0
 
 
-def only_batches(records, tally: Tally) -> Iterator[dict]:
+def only_batches(records, tally: Tally) -> Iterator[Batch]:
     """Loader records that are not batches (a fatal error, the tally of a worker that made no batch) are acted
     on here, so the loop and the epoch count only ever see batches. A module function, not a method: the
     stream must not be part of a reference cycle, or its loader workers outlive the run until a gc pass."""
@@ -74,7 +77,7 @@ class BatchStream:
         if self.cfg.resampled:
             self.it = only_batches(self.make_loader(step, self.epoch), self.tally)
 
-    def __next__(self) -> dict:
+    def __next__(self) -> Batch:
         if self.per_epoch is not None and self.taken >= self.per_epoch:
             self._next_epoch()
         batch = next(self.it, None)

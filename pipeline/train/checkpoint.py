@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ def _rank_file(rank: int) -> str:
 def _gather_records(records: dict) -> dict:
     if not distributed():
         return records
-    parts = [None] * dist.get_world_size()
+    parts: list[Any] = [None] * dist.get_world_size()  # filled with each rank's records
     dist.all_gather_object(parts, records)
     return {k: v for part in parts for k, v in part.items()}
 
@@ -69,6 +69,7 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank:
     records = _gather_records(hash_files(folder, _own_files(folder, rank)))
     state = consolidated_state_dict(engine, root, tmp_tag, cfg.deepspeed.zero_stage)
     if rank == 0:
+        assert state is not None  # rank 0 gets the full weights
         if logit_scale is not None:
             state["logit_scale"] = torch.full_like(state["logit_scale"], logit_scale)
         save_model(state, cfg.model, folder)
@@ -93,7 +94,8 @@ def consolidated_state_dict(engine, root: Path, tag: str, zero_stage: int) -> Op
     if not dist.is_initialized() or dist.get_rank() == 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        # a dict of tensors (not lazy_mode); deepspeed is unannotated and its inferred return type is wider
+        state = cast(dict[str, torch.Tensor], get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
         buffers = {k: v for k, v in engine.module.state_dict().items() if k not in state and v.numel() > 0}
         return {**buffers, **state}
     return None

@@ -23,22 +23,22 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     seed: int = 0
     micro_batch: Optional[int] = Field(
-        None, gt=0, description="GradCache chunk per rank; null encodes the local batch at once"
+        default=None, gt=0, description="GradCache chunk per rank; null encodes the local batch at once"
     )
-    log_every: int = Field(10, gt=0)
-    checkpoint_every: int = Field(100, gt=0)
-    keep_checkpoints: int = Field(2, ge=1)
-    max_bad_steps: int = Field(10, ge=1, description="abort after this many NaN/inf losses")
-    collective_timeout_s: int = Field(600, gt=0, description="a rank waiting this long in a collective (a dead "
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=100, gt=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_bad_steps: int = Field(default=10, ge=1, description="abort after this many NaN/inf losses")
+    collective_timeout_s: int = Field(default=600, gt=0, description="a rank waiting this long in a collective (a dead "
                                       "or stuck peer) fails the run; torch's default is 30 min")
-    keep_freed_memory: bool = Field(True, description="glibc malloc keeps freed memory for the next step instead "
+    keep_freed_memory: bool = Field(default=True, description="glibc malloc keeps freed memory for the next step instead "
                                     "of returning it to the kernel (pipeline.train.allocator)")
 
 
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
-    config_override: Optional[str] = Field(None, description="DeepSpeed JSON merged over the generated one")
+    config_override: Optional[str] = Field(default=None, description="DeepSpeed JSON merged over the generated one")
 
     @model_validator(mode="after")
     def _bf16_needs_zero(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from pipeline.errors import UserError
 NO_DECAY_KEYS = ("logit_scale", "logit_bias", "missing", "embedding", "cls_token", "class_embedding")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, loss_groups: list[dict] = ()) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, loss_groups: Sequence[dict] = ()) -> list[dict]:
     """Decay / no-decay groups, then the groups the loss asks for (`ContrastiveLoss.param_groups`), whose
     parameters are left out of the first two."""
     claimed = {id(p) for group in loss_groups for p in group["params"]}
@@ -86,17 +87,19 @@ class Engine:
     """The one interface the loop uses: encode, backward, step (or skip), train/eval mode. DeepSpeed is behind
     it (`ds`, for checkpointing), so the loop never knows the ZeRO stage, the device or the precision."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int, loss_groups: list[dict] = ()):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int, loss_groups: Sequence[dict] = ()):
         import deepspeed
 
         o = cfg.optim
         groups = param_groups(model, o.weight_decay, loss_groups)
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas),
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas,
                                       eps=o.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_lambda(s, o.warmup_steps, o.total_steps, o.schedule, o.min_lr_ratio))
+        # deepspeed annotates lr_scheduler as the old torch _LRScheduler; any LRScheduler works
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world_size))
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
+            config=deepspeed_config(cfg, world_size))
         if world_size == 1 and cfg.deepspeed.zero_stage == 0:
             # One rank has nothing to average, but DeepSpeed would still flatten, "reduce" and copy back every
             # gradient at each step. (ZeRO stages >= 1 keep their reduction: it fills their partitions.)
@@ -105,10 +108,13 @@ class Engine:
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.ds.module
+        module = self.ds.module
+        assert isinstance(module, torch.nn.Module)  # nn.Module's __getattr__ is typed Tensor | Module
+        return module
 
     @property
-    def device(self) -> torch.device:
+    def device(self) -> torch.device | None:
+        """None with DeepSpeed's CPU accelerator when no local rank is set: tensors then stay where they are."""
         return self.ds.device
 
     def encode(self, inputs):

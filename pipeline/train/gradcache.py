@@ -10,7 +10,7 @@ accumulation, so the per-chunk backwards add up and `engine.step()` is the one b
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 
@@ -30,13 +30,16 @@ class RngState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def split_batch(batch: dict, size: int) -> list[dict]:
+def split_batch(batch: Batch, size: int) -> list[Batch]:
     """Split every tensor (and nested mask tensors) of a batch dict along dim 0 into chunks of `size`."""
     n = next(v.shape[0] for v in batch.values() if torch.is_tensor(v))
-    chunks = []
+    chunks: list[Batch] = []
     for start in range(0, n, size):
         sl = slice(start, start + size)
-        chunks.append({k: _slice(v, sl) for k, v in batch.items()})
+        chunk: Batch = {}
+        for k, v in batch.items():
+            chunk[k] = _slice(v, sl)
+        chunks.append(chunk)
     return chunks
 
 
@@ -87,10 +90,10 @@ def grad_cache_step(
             states.append(RngState())
             cached.append(encode(chunk))
     end_state = RngState()
-    leaves = {k: torch.cat([c[k] for c in cached]) if k not in SCALARS else cached[0][k]
+    joined = {k: torch.cat([c[k] for c in cached]) if k not in SCALARS else cached[0][k]
               for k in cached[0]}
-    leaves = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
-    loss = loss_fn(leaves)
+    leaves: dict[str, torch.Tensor] = {k: v.detach().requires_grad_(True) for k, v in joined.items()}
+    loss = loss_fn(cast(Features, leaves))  # the cached features as leaves (Features is a plain dict at run time)
     if not check_loss(loss):
         return loss.detach()
     *feature_grads, = torch.autograd.grad(loss, [*leaves.values(), *extra_params], allow_unused=True)
@@ -101,13 +104,14 @@ def grad_cache_step(
     for i, (chunk, state) in enumerate(zip(chunks, states)):
         state.restore()
         out = encode(chunk)
-        n = next(v.shape[0] for k, v in out.items() if k not in SCALARS)
+        n = next(out[k].shape[0] for k in out if k not in SCALARS)
         surrogate = sum((out[k] * grads[k][offset:offset + n]).sum()
                         for k in out if k not in SCALARS and grads.get(k) is not None)
         if i == 0:  # the scale and bias enter the loss once, not once per chunk
             surrogate = surrogate + sum((out[k] * grads[k]).sum() for k in SCALARS
                                         if k in out and grads.get(k) is not None)
-        backward(surrogate * grad_scale)
+        # a tensor: sum() of tensor terms (typeshed's sum() types it as int, its start value 0)
+        backward(cast(torch.Tensor, surrogate) * grad_scale)
         offset += n
     end_state.restore()
     return loss.detach()

@@ -27,6 +27,7 @@ class RunLog:
     def metrics(self, step: int, values: dict) -> None:
         if self.rank != 0:
             return
+        assert self._tb is not None  # rank 0 made it
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         for k, v in values.items():

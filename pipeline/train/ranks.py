@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,14 +42,14 @@ def any_rank(flag: float) -> float:
 def sum_over_ranks(counter: Counter) -> Counter:
     if not distributed():
         return counter
-    gathered = [None] * dist.get_world_size()
+    gathered: list[Any] = [None] * dist.get_world_size()  # filled with each rank's dict
     dist.all_gather_object(gathered, dict(counter))
     return sum((Counter(c) for c in gathered), Counter())
 
 
 def decide_on_rank0(fn):
     """Run `fn` on rank 0 only and give every rank its result (or its UserError): all ranks take one path."""
-    result = [None, None]
+    result: list[Any] = [None, None]  # fn's value, the UserError's line
     if not distributed() or dist.get_rank() == 0:
         try:
             result[0] = fn()
@@ -73,6 +74,7 @@ class PeerWatch:
             threading.Thread(target=self._watch, name="mmclip-peer-watch", daemon=True).start()
 
     def _peer_failure(self) -> str | None:
+        assert self.store is not None  # called only with a store (the watch thread, `post`)
         return self.store.get(FAILED_KEY).decode() if self.store.check([FAILED_KEY]) else None
 
     def _watch(self) -> None:

@@ -14,9 +14,11 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from pipeline.batch import Batch
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.train.batches import BatchStream
@@ -27,9 +29,9 @@ from pipeline.train.ranks import any_rank, sum_over_ranks
 from pipeline.train.signals import Interrupted, StopSignals, exit_code
 
 
-def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+def to_device(batch: Batch, device: torch.device | None, dtype: torch.dtype) -> Batch:
     """Move tensors; float inputs take the engine's dtype (bf16), token ids and masks stay as they are."""
-    def move(v):
+    def move(v: Any) -> Any:
         if torch.is_tensor(v):
             v = v.to(device, non_blocking=True)
             return v.to(dtype) if v.is_floating_point() else v
@@ -39,9 +41,13 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
     return move(batch)
 
 
-def model_inputs(batch: dict, modalities: list[str]) -> dict:
+def model_inputs(batch: Batch, modalities: list[str]) -> Batch:
     keep = set(modalities) | {f"{m}_neg" for m in modalities} | {"mask"}
-    return {k: v for k, v in batch.items() if k in keep}
+    inputs: Batch = {}
+    for k, v in batch.items():
+        if k in keep:
+            inputs[k] = v
+    return inputs
 
 
 class Trainer:
@@ -95,7 +101,7 @@ class Trainer:
         self.finish(evaluated)
         return 0
 
-    def train_step(self, batch: dict) -> None:
+    def train_step(self, batch: Batch) -> None:
         cfg, engine = self.cfg, self.engine
         self.skipped.update(batch.get("skipped", {}))
         inputs = to_device(model_inputs(batch, self.modalities), engine.device, engine.dtype)

@@ -49,6 +49,7 @@ class ClipConfig(LossSection):
 
 @LOSSES.register("clip", config=ClipConfig)
 class ClipLoss(PairwiseLoss):
+    cfg: ClipConfig
     def pair_loss(self, a, b, negatives, features):
         return clip_loss(a, b, features["logit_scale"], hard_negatives=negatives,
                          hard_negative_alpha=self.cfg.hard_negative_alpha,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
@@ -128,17 +128,21 @@ class GlobalClip(ContrastiveLoss):
     into any number of ranks."""
 
     requires = frozenset({"sample_index"})
+    cfg: GlobalClipConfig
 
     def __init__(self, cfg: GlobalClipConfig, group=None, seed: int = 0, num_samples: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         super().__init__(cfg, group, seed)
         if not num_samples:
             raise UserError("loss.kind 'global_clip' needs the dataset's sample count (sizes.json next to the shards)")
-        table = dict(dtype=dtype, device=device, group=group)
+        table: dict[str, Any] = dict(dtype=dtype, device=device, group=group)
         self.log_u = SampleTable(num_samples, 2, float("nan"), **table)  # columns: image anchors, text anchors
         individual = cfg.temperature == "individual"
         self.tau = SampleTable(num_samples, 2, cfg.tau_init, trainable=True, **table) if individual else None
-        self.tau_optimizer = torch.optim.SparseAdam([self.tau.values], lr=cfg.temperature_lr) if individual else None
+        self.tau_optimizer = None
+        if self.tau is not None:  # GlobalClipConfig requires temperature_lr with per-sample temperatures
+            assert isinstance(self.tau.values, torch.nn.Parameter) and cfg.temperature_lr is not None
+            self.tau_optimizer = torch.optim.SparseAdam([self.tau.values], lr=cfg.temperature_lr)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:

@@ -40,7 +40,8 @@ class SiglipLoss(PairwiseLoss):
     requires = frozenset({"logit_bias"})
 
     def pair_loss(self, a, b, negatives, features):
-        if features.get("logit_bias") is None:
+        logit_bias = features.get("logit_bias")
+        if logit_bias is None:
             raise UserError("loss.kind 'siglip' needs a logit bias: set model.init_logit_bias (SigLIP uses -10)")
-        return siglip_loss(a, b, features["logit_scale"], features["logit_bias"], hard_negatives=negatives,
+        return siglip_loss(a, b, features["logit_scale"], logit_bias, hard_negatives=negatives,
                            **self.options)

@@ -39,7 +39,7 @@ def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, 
     features = [f.to(spec.gemm_dtype(f)) for f in features]  # tuple products in the GEMM dtype too
     ring = spec.ring
     n_global = features[0].shape[0] * spec.world
-    gathered = None if ring else [gather_with_grad(f, group) for f in features]
+    gathered = [] if ring else [gather_with_grad(f, group) for f in features]  # the ring uses local rows only
     total = None
     for m, anchor in enumerate(features):
         others_local = [f for k, f in enumerate(features) if k != m]
@@ -61,6 +61,7 @@ def symile_loss(features: Sequence[torch.Tensor], logit_scale: torch.Tensor, *, 
             dens = TupleLogDenominators.apply(anchor, logit_scale, positives, spec, *others)
         loss = dens - positives.to(dens.dtype).sum()
         total = loss if total is None else total + loss
+    assert total is not None  # at least 2 modalities
     return global_sum(total, group) / (n_global * len(features))
 
 
@@ -73,6 +74,8 @@ class SymileConfig(LossSection):
 class SymileLoss(ContrastiveLoss):
     """All modalities jointly. The row permutations of `negatives: n` come from a generator seeded by
     (seed, step): the same on every rank and after a resume."""
+
+    cfg: SymileConfig
 
     def forward(self, features: Features, step: int = 0, index: torch.Tensor | None = None) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)

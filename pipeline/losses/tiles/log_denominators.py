@@ -65,7 +65,7 @@ def sweep_statistics(a_mm, block, row_offset, col_offset, scale_value, beta, col
             for scale, rs, cs in zip(factors, (r1, r2), (c1, c2)):
                 row_lse, col_lse = tile_logsumexps(dots, scale, cols, full_tile(i0, i1, j0, j1, chunk))
                 rs[i0:i1] = torch.logaddexp(rs[i0:i1], row_lse)
-                if cols:
+                if col_lse is not None:  # made when `cols`
                     cs[j0:j1] = torch.logaddexp(cs[j0:j1], col_lse)
 
 
@@ -146,6 +146,7 @@ class LogDenominators(torch.autograd.Function):
             c1, c2 = blocks.take(fresh) if cols else (None, None)
             sweep_statistics(a_mm, block, offset, col_offset, scale_value, beta, cols, chunk, r1, r2, c1, c2)
             if cols:
+                assert c1 is not None and c2 is not None
                 blocks.give([c1, c2])
         if negs is not None:
             zn = negative_logits(a_mm, negs.detach().to(mm_dtype), s)
@@ -194,13 +195,14 @@ class LogDenominators(torch.autograd.Function):
             blocks.give([gb])
         gb, = blocks.carried
         gneg = torch.empty_like(negs) if ctx.needs_input_grad[4] else None  # mined negatives come detached
-        for i0, i1 in spans(n, chunk) if negs is not None else ():
-            nf, rows = negs[i0:i1].detach().to(mm_dtype), a_mm[i0:i1]
-            zn = negative_logits(rows, nf, s)
-            Gn = row_stats[2][i0:i1, None] * softmax_weights(zn, r1[i0:i1, None], r2[i0:i1, None], beta)
-            ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(mm_dtype), nf).to(acc_dtype)
-            if gneg is not None:
-                gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
+        if negs is not None:
+            for i0, i1 in spans(n, chunk):
+                nf, rows = negs[i0:i1].detach().to(mm_dtype), a_mm[i0:i1]
+                zn = negative_logits(rows, nf, s)
+                Gn = row_stats[2][i0:i1, None] * softmax_weights(zn, r1[i0:i1, None], r2[i0:i1, None], beta)
+                ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(mm_dtype), nf).to(acc_dtype)
+                if gneg is not None:
+                    gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
         log_alpha = math.log(alpha) if alpha > 0 else NEG_INF
         w_pos = torch.exp(log_alpha + zdf - d_row)  # ∂(Σ d)/∂z_ii
         if cols:

@@ -84,13 +84,14 @@ class SigmoidPairs(torch.autograd.Function):
             blocks.give([gb])
         gb, = blocks.carried
         gneg = torch.empty_like(negs) if ctx.needs_input_grad[4] else None  # mined negatives come detached
-        for i0, i1 in spans(n, chunk) if negs is not None else ():
-            nf, rows = negs[i0:i1].detach().to(mm_dtype), a_mm[i0:i1]
-            Gn = torch.sigmoid(negative_logits(rows, nf, s) + t)
-            gt += Gn.sum()
-            ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(mm_dtype), nf).to(acc_dtype)
-            if gneg is not None:
-                gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
+        if negs is not None:
+            for i0, i1 in spans(n, chunk):
+                nf, rows = negs[i0:i1].detach().to(mm_dtype), a_mm[i0:i1]
+                Gn = torch.sigmoid(negative_logits(rows, nf, s) + t)
+                gt += Gn.sum()
+                ga[i0:i1] += torch.einsum("nk,nkd->nd", Gn.to(mm_dtype), nf).to(acc_dtype)
+                if gneg is not None:
+                    gneg[i0:i1] = (g * s * Gn)[:, :, None] * rows[:, None, :]
         gs = row_dots(ga, a_mm, acc_dtype, chunk).sum() * g
         ga = in_dtype(ga, g * s, a.dtype, chunk)
         gb = in_dtype(gb, g * s, b.dtype, chunk)
