@@ -126,6 +126,8 @@ def _hf_image_processor(folder: Path):
 def _hf_image_preprocess(folder: Path) -> ImagePreprocess:
     proc = _hf_image_processor(folder)
     size = proc.size.get("shortest_edge") or proc.size.get("height")
+    if size is None:
+        raise UserError(f"{folder}: its image processor's size {proc.size} has neither shortest_edge nor height")
     crop = getattr(proc, "do_center_crop", False)  # SigLIP processors squash to the size, no crop
     if crop and proc.crop_size.get("height") != size:
         raise UserError(f"{folder}: resize to {size} then crop to {proc.crop_size} is not an open_clip eval transform")

@@ -18,8 +18,11 @@ from typing import TYPE_CHECKING
 from pipeline.lazy import lazy_exports
 from pipeline.registry import LOSSES
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for readers and type checkers; at run time the names load on first use
     from pipeline.losses.base import ContrastiveLoss
+    from pipeline.losses.objectives.clip import clip_loss
+    from pipeline.losses.objectives.siglip import siglip_loss
+    from pipeline.losses.objectives.symile import symile_loss
 
 __getattr__ = lazy_exports(__name__, {"ContrastiveLoss": "pipeline.losses.base",
                                       "clip_loss": "pipeline.losses.objectives.clip",

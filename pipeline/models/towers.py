@@ -80,7 +80,7 @@ def _vision_encoder(cfg, embed_dim: int) -> nn.Module:
     if isinstance(cfg.layers, (tuple, list)):
         from open_clip.modified_resnet import ModifiedResNet
 
-        return ModifiedResNet(cfg.layers, embed_dim, heads=cfg.width * 32 // cfg.head_width,
+        return ModifiedResNet(list(cfg.layers), embed_dim, heads=cfg.width * 32 // cfg.head_width,
                               image_size=cfg.image_size, width=cfg.width)
     from open_clip.transformer import VisionTransformer
 

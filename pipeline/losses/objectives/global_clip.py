@@ -198,7 +198,10 @@ class GlobalClip(ContrastiveLoss):
             self.tau_optimizer.zero_grad(set_to_none=True)
 
     def extra_parameters(self) -> list[torch.nn.Parameter]:
-        return [] if self.tau is None else [self.tau.values]
+        if self.tau is None:
+            return []
+        assert isinstance(self.tau.values, torch.nn.Parameter)  # the τ table is made trainable
+        return [self.tau.values]
 
     def mean_temperature(self) -> float | None:
         """Mean τ over every sample seen so far (all ranks); None for a global temperature."""
