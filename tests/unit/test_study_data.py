@@ -183,6 +183,7 @@ def test_probe_accuracy_of_an_oracle_a_blind_model_and_a_real_one(tiny):
     assert blind["probe_acc"] == 0.0  # ties are misses
     real = probe_accuracy(_tiny_model(), probe)
     assert 0.0 <= real["probe_acc"] <= 1.0 and real["probe_items"] == len(items)
+    assert evaluate(_tiny_model(), "compositional_probe", str(probe)) == real  # `mmclip eval --task compositional_probe`
 
 
 def test_cli_builds_and_then_finds_the_set(tiny, capsys):
@@ -190,3 +191,12 @@ def test_cli_builds_and_then_finds_the_set(tiny, capsys):
     assert main(["data", "study", "--out", str(tiny), "--size", "tiny", "--no-progress"]) == 0
     assert time.monotonic() - start < 1
     assert json.loads(capsys.readouterr().out) == json.loads((tiny / "study.json").read_text())
+
+
+def test_a_missing_source_is_named_with_its_package(tmp_path, monkeypatch, capsys):
+    from pipeline.data import study_sources
+
+    monkeypatch.setattr(study_sources, "TUXPAINT", tmp_path / "no-stamps")
+    assert main(["data", "study", "--out", str(tmp_path / "out"), "--size", "tiny", "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (f"mmclip: error: the study set needs {tmp_path / 'no-stamps'}: "
+                                               "apt-get install -y tuxpaint-stamps-default")
