@@ -7,6 +7,7 @@ picture is rendered only for the concepts a build uses, so the tiny set takes se
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -35,6 +36,7 @@ PEOPLE_WORDS = {"man", "men", "woman", "women", "person", "people", "boy", "boys
                 "firefighter", "policeman", "police", "doctor", "nurse", "farmer", "clown", "pirate", "santa", "king",
                 "queen", "prince", "princess", "mermaid", "merman", "astronaut", "cook", "singer", "dancer"}
 REGIONAL_INDICATORS = range(0x1F1E6, 0x1F200)
+NOT_A_FLAG = "\U0001F1E6\U0001F1E6"  # "AA": the font's fallback picture for flags it does not have
 
 
 @dataclass(frozen=True)
@@ -87,25 +89,33 @@ def _tuxpaint_concepts() -> list[Concept]:
 
 
 def _emoji_concepts() -> list[Concept]:
-    """Fully qualified emoji without skin tones that the font draws as one picture; flags are named "flag of X".
-    Emoji that come in skin tones (people, hands) are not tinted."""
+    """Fully qualified emoji without skin tones that the font draws as a picture of their own (not a sequence
+    it cannot join, nor the fallback it shows for flags it lacks); flags are named "flag of X". Emoji that come
+    in skin tones (people, hands) are not tinted."""
     for lang in LANGUAGES:
         emoji.config.load_language(lang)
     toned = {_without_modifiers(c) for c in emoji.EMOJI_DATA if any(ord(x) in SKIN_TONES for x in c)}
-    out = []
+    fallback, drawn = _digest(_emoji_canvas(NOT_A_FLAG)), {}  # drawn: picture -> the emoji drawn so
     for char, data in sorted(emoji.EMOJI_DATA.items()):
         if data["status"] != emoji.STATUS["fully_qualified"] or any(ord(c) in SKIN_TONES for c in char):
             continue
-        box = _emoji_canvas(char).getbbox()
-        if box is None or box[2] - box[0] > 1.5 * EMOJI_PX:  # not in the font, or a sequence it does not join
+        canvas = _emoji_canvas(char)
+        box = canvas.getbbox()
+        if box is None or box[2] - box[0] > 1.5 * EMOJI_PX:
             continue
         name = _emoji_name(data["en"])
         if all(ord(c) in REGIONAL_INDICATORS for c in char):
             name = f"flag of {name}"
         translations = {lang: _emoji_name(data[lang]) for lang in LANGUAGES if data.get(lang)}
-        out.append(Concept(name, "emoji:" + "-".join(f"{ord(c):X}" for c in char), translations,
-                           _tintable(name) and _without_modifiers(char) not in toned))
-    return out
+        drawn.setdefault(_digest(canvas), []).append(
+            Concept(name, "emoji:" + "-".join(f"{ord(c):X}" for c in char), translations,
+                    _tintable(name) and _without_modifiers(char) not in toned))
+    # a picture shared by several names (Norway's flag is Svalbard's) names none of them
+    return [group[0] for picture, group in drawn.items() if len(group) == 1 and picture != fallback]
+
+
+def _digest(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()
 
 
 def _tintable(name: str) -> bool:
