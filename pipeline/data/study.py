@@ -21,14 +21,14 @@ true hard negative.
   study.json             recipe and counts; a rerun with the same recipe returns at once
 Splits are disjoint by concept (so by source picture): 85% train, 5% val, 10% test.
 
-Sizes: full uses all ~2,260 concepts, 12 training scenes each (23,064 train images, 452 val, 678
-test, ~2,200 probe items), 64 px PNGs, 120 MB; it builds in ~1 CPU-minute (2.5 min wall on a busy
-2-core machine), tiny (80 concepts, for tests) in seconds. Why 64 px and ~23k: big enough for 4 copies
-of a recognisable picture and for batches of 512 to hold ~470 different concepts, small enough for a
-patch-8 ViT (64 tokens; width 96-128, 2-4 layers), whose step costs 0.5-0.65x the demo model's
-(measured side by side, batch 128, 2 threads), i.e. roughly 20-30 epochs in 30 minutes where the demo
-trains at ~700 images/s. Bytes depend only on the seed, the recipe version and the installed sources
-(the emoji package's version is part of the recipe).
+Sizes: full uses all 2,237 concepts (461 Tux Paint stamps, 1,776 emoji), 12 training scenes each
+(22,812 train images, 448 val, 672 test, 2,168 probe items), 64 px PNGs, 120 MB; it builds in ~1
+CPU-minute (2-3.5 min wall on a busy 2-core machine), tiny (80 concepts, for tests) in seconds. Why
+64 px and ~23k: big enough for 4 copies of a recognisable picture and for a batch of 512 to hold ~450
+different concepts, small enough for a patch-8 ViT (64 tokens; width 96-128, 2-4 layers), whose step
+costs 0.5-0.65x the demo model's (measured side by side, batch 128, 2 threads), i.e. roughly 20-30
+epochs in 30 minutes where the demo trains at ~700 images/s. Bytes depend only on the seed, the recipe
+version and the installed sources (the emoji package's version is part of the recipe).
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def add_study_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (a rerun with the same "
                         "recipe returns at once)")
     parser.add_argument("--size", choices=list(SIZES), default="full",
-                        help="full: ~23k train images of ~2,260 concepts; tiny: 80 concepts, for tests")
+                        help="full: ~23k train images of 2,237 concepts; tiny: 80 concepts, for tests")
     parser.add_argument("--seed", type=int, default=0, help="chooses concepts, splits and scenes (0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -24,7 +24,7 @@ POSITIONS = {"middle": "", "left": " on the left", "right": " on the right", "to
 TEMPLATES = ("{obj}, shown {count}{pos}, on {bg}.", "{bg} with {obj} shown {count}{pos}.",
              "{obj} shown {count}{pos} against {bg}.", "a picture of {obj}, shown {count}{pos}, on {bg}.",
              "clip art: {obj} shown {count}{pos} on {bg}.")
-TINT_CHANCE = 0.75  # of objects whose names allow a tint
+TINT_CHANCE = 0.75  # of the scenes of tintable concepts
 COUNT_WEIGHTS = (0.4, 0.2, 0.2, 0.2)
 
 
