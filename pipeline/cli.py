@@ -20,6 +20,10 @@ COMMANDS = (
      "(any subset; paths relative to the manifest) or from a folder with one sub-folder per class. "
      "Resumable: finished shards are kept.",
      "pipeline.data.writer:add_shards_args", "pipeline.data.writer:run_shards"),
+    ("data", "build a ready-made shard set offline (study: many distinct captions + a hard-negative probe)",
+     "Build a ready-made set of shards and eval sets from sources installed on this machine. "
+     "`mmclip data study --out DIR` writes the study set (see `mmclip data study --help`).",
+     "pipeline.data.cli:add_data_args", "pipeline.data.cli:run_data"),
     ("train", "train a model from a YAML run config",
      "Train with DeepSpeed from a YAML run config. One process by default; the same command under "
      "torchrun, the deepspeed launcher or srun runs one rank per process (rank from the environment). "

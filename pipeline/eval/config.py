@@ -9,7 +9,7 @@ from pipeline.section import Section
 
 
 class EvalTask(Section):
-    task: Literal["zeroshot_classification", "zeroshot_retrieval", "symile_classification"]
+    task: Literal["zeroshot_classification", "zeroshot_retrieval", "symile_classification", "compositional_probe"]
     dataset: str = Field(description="CLIP_benchmark wds root or project shards")
     modality: str = "image"
     name: Optional[str] = None

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import UserError
 from pipeline.eval.datasets import iter_batches, open_eval_set
+from pipeline.eval.probe import probe_accuracy
 from pipeline.eval.zeroshot import (
     SIMPLE_TEMPLATES,
     class_embeddings,
@@ -17,7 +18,7 @@ from pipeline.eval.zeroshot import (
     retrieval_metrics,
 )
 
-TASKS = ("zeroshot_classification", "zeroshot_retrieval", "symile_classification")
+TASKS = ("zeroshot_classification", "zeroshot_retrieval", "symile_classification", "compositional_probe")
 
 
 def add_eval_args(p) -> None:
@@ -25,7 +26,8 @@ def add_eval_args(p) -> None:
                    help="run directory, checkpoint directory, safetensors / open_clip (local-dir:DIR) / transformers "
                         "export, or open_clip:ARCH@WEIGHTS.safetensors (see README 'Evaluate any model')")
     p.add_argument("--task", choices=TASKS, default="zeroshot_classification")
-    p.add_argument("--dataset", required=True, help="CLIP_benchmark wds root (ROOT/test/*.tar) or a shard spec")
+    p.add_argument("--dataset", required=True, help="CLIP_benchmark wds root (ROOT/test/*.tar) or a shard spec; for "
+                   "compositional_probe the study set's probe folder (DIR/probe, `mmclip data study`)")
     p.add_argument("--modality", default="image",
                    help="the query modality, any registered one (for symile: image+audio -> text)")
     p.add_argument("--target", default="text",
@@ -51,6 +53,8 @@ def evaluate(model, task: str, dataset: str, modality: str = "image", batch_size
     from pipeline.modalities.preprocess import preprocessors
     from pipeline.modalities.text import TextTokenizer
 
+    if task == "compositional_probe":
+        return probe_accuracy(model, dataset, batch_size)
     eval_set = open_eval_set(dataset, task)
     paired = task == "zeroshot_retrieval" and target != "text"
     if paired and target == modality:
