@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages the suite uses when it can:
-# - slurmctld, slurmd and munge, for the two-node Slurm that tests/slurm_cluster.py emulates on this machine;
+# - slurmctld, slurmd and munge, for the two-node Slurm that tests/helpers/slurm_cluster.py emulates on this machine;
 # - tuxpaint-stamps-default and fonts-noto-color-emoji, the sources of the study set (pipeline/data/study.py).
 # Tests that need them skip with the reason when this cannot install them (not root, no apt).
 set -u
