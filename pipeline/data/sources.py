@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import random
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -129,8 +129,9 @@ class Seen:
         return at >= 0 and index < self.ranges[at][1]
 
     def count(self, start: int, end: int) -> int:
-        """How many of the indices in [start, end) were seen."""
-        return sum(max(0, min(b, end) - max(a, start)) for a, b in self.ranges)
+        """How many of the indices in [start, end) were seen (only the ranges that overlap are visited)."""
+        lo, hi = max(bisect_right(self._starts, start) - 1, 0), bisect_left(self._starts, end)
+        return sum(max(0, min(b, end) - max(a, start)) for a, b in self.ranges[lo:hi])
 
     def __len__(self) -> int:
         return sum(b - a for a, b in self.ranges)
