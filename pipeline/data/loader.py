@@ -7,6 +7,7 @@ trainer can sum them across workers and ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 from collections import Counter
@@ -19,7 +20,7 @@ from pipeline.batch import Batch
 from pipeline.data.config import DataConfig
 from pipeline.data.decode import decode_sample
 from pipeline.data.tars import tar_samples
-from pipeline.data.sources import epoch_urls, expand_spec, resampled_urls, shard_sizes
+from pipeline.data.sources import Seen, epoch_order, epoch_share, epoch_urls, expand_spec, resampled_urls, shard_sizes
 from pipeline.modalities.base import Skip
 from pipeline.registry import MODALITIES
 
@@ -66,6 +67,25 @@ def count_short_shards(samples: Iterator[dict], sizes: dict[str, int], skipped: 
             url, seen = None, 0  # complete; the same shard may be drawn again right away
         yield sample
     close()
+
+
+def unseen_share(samples: Iterator[dict], share: dict[str, range], seen: Seen) -> Iterator[dict]:
+    """The samples of `share` (see `epoch_share`): its shards are read whole; samples the epoch already gave
+    are passed over, and of the rest only the positions in the share are kept."""
+    position: Counter = Counter()
+    for sample in samples:
+        if sample["__index__"] in seen:
+            continue
+        url = sample["__url__"]
+        position[url] += 1
+        if position[url] - 1 in share[url]:
+            yield sample
+
+
+def seed_preprocessors(preprocess: dict[str, Callable], rng: random.Random) -> None:
+    for p in preprocess.values():
+        if hasattr(p, "rng"):
+            p.rng.seed(rng.random())
 
 
 def raw_bytes(sample: dict) -> int:
@@ -176,21 +196,32 @@ class NoDataGuard:
 class ShardStream(IterableDataset):
     def __init__(self, cfg: DataConfig, spec: str, weights, modalities: list[str], preprocess: dict[str, Callable],
                  train: bool, resampled: bool, rank: int, world_size: int, seed: int, start_step: int,
-                 epoch: int, local_batch: int):
+                 epoch: int, local_batch: int, seen: Seen):
         self.cfg, self.modalities, self.preprocess = cfg, modalities, preprocess
         self.sources = expand_spec(spec, weights, key="data.train" if train else "data.val")
         self.train, self.resampled = train, resampled
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.start_step, self.epoch, self.local_batch = start_step, epoch, local_batch
+        self.start_step, self.epoch, self.local_batch, self.seen = start_step, epoch, local_batch, seen
         self.sections = {m: cfg.modality(m) for m in modalities}
         self.kinds = {m: MODALITIES.get(m, "data").obj for m in modalities}
         self.sizes = shard_sizes([u for s in self.sources for u in s.urls])
         self.offsets = sample_offsets(self.sources, self.sizes)
         self.negatives = cfg.hard_negatives if train else None
 
-    def _urls(self, worker: int, workers: int) -> Iterator[dict]:
+    def _share(self, worker: int, workers: int) -> dict[str, range] | None:
+        """This (rank, worker)'s part of the epoch's unseen samples; None: whole shards (resampled, or a
+        shard's sample count is unknown)."""
+        if self.resampled or self.offsets is None:
+            return None
+        order = epoch_order(self.sources, self.seed, self.epoch)
+        return epoch_share(order, self.sizes, self.offsets, self.seen, self.rank, self.world_size, worker, workers,
+                           self.local_batch)
+
+    def _urls(self, worker: int, workers: int, share: dict[str, range] | None) -> Iterator[dict]:
         if self.resampled:
             urls = resampled_urls(self.sources, self.seed, self.rank, worker, self.start_step)
+        elif share is not None:
+            urls = list(share)
         else:
             urls = epoch_urls(self.sources, self.seed, self.epoch, self.rank, self.world_size, worker, workers)
         return ({"url": u} for u in urls)
@@ -199,20 +230,21 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = random.Random(f"{self.seed}/{self.rank}/{worker}/{self.start_step}/{self.epoch}")
-        for p in self.preprocess.values():
-            if hasattr(p, "rng"):
-                p.rng.seed(rng.random())
+        seed_preprocessors(self.preprocess, rng)
         skipped: Counter = Counter()
         guard = NoDataGuard(self.cfg.max_empty_shards, self.cfg.max_skips_in_a_row, skipped)
+        share = self._share(worker, workers)
         try:
-            yield from self._batches(self._urls(worker, workers), rng, skipped, guard)
+            yield from self._batches(self._urls(worker, workers, share), share, rng, skipped, guard)
         except NoData as exc:  # handed to the trainer as a record: worker exceptions reach it as tracebacks
             yield {"fatal": str(exc)}
 
-    def _batches(self, urls, rng: random.Random, skipped: Counter,
+    def _batches(self, urls, share: dict[str, range] | None, rng: random.Random, skipped: Counter,
                  guard: "NoDataGuard") -> Iterator[Batch | dict[str, Any]]:
         samples = guard.read(urls, self.offsets)
         samples = count_short_shards(samples, self.sizes, skipped)
+        if share is not None:
+            samples = unseen_share(samples, share, self.seen)
         if self.train and self.cfg.shuffle_buffer > 1:
             samples = shuffled(samples, self.cfg.shuffle_buffer, self.cfg.shuffle_buffer_mib * 2**20, rng)
         # A finished batch is held back until the next one (or the end), so skips that happen after
@@ -220,7 +252,8 @@ class ShardStream(IterableDataset):
         batch, pending = [], None
         for raw in samples:
             try:
-                batch.append(self._prepare(raw, rng))
+                with self._sample_rng(raw, rng) as sample_rng:
+                    batch.append(self._prepare(raw, sample_rng))
             except Skip as skip:
                 guard.skipped(skip.reason, raw.get("__url__"))
                 continue
@@ -242,6 +275,20 @@ class ShardStream(IterableDataset):
             yield pending
         elif skipped or guard.shards_read:  # a finite stream that made no batch still reports what it saw
             yield {"skipped": dict(skipped), "shards": guard.shards_read}
+
+    @contextlib.contextmanager
+    def _sample_rng(self, raw: dict, rng: random.Random) -> Iterator[random.Random]:
+        """In epoch mode a sample's random choices (its caption; its crop, drawn from torch's generator) follow
+        from (seed, epoch, its index) alone, not from the rank or worker that reads it: an epoch split over
+        another number of ranks mid-way augments each sample as it would have been."""
+        if self.resampled or raw.get("__index__", -1) < 0:
+            yield rng
+            return
+        own = random.Random(f"{self.seed}/{self.epoch}/{raw['__index__']}")
+        seed_preprocessors(self.preprocess, own)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(own.getrandbits(63))
+            yield own
 
     def _prepare(self, raw: dict, rng: random.Random) -> dict:
         sample = decode_sample(raw, self.sections, self.negatives)
@@ -290,8 +337,10 @@ def _leave_signals_to_main(_worker_id: int) -> None:
 
 def build_loader(cfg: DataConfig, *, split: Literal["train", "val"], modalities: list[str],
                  preprocess: dict[str, Callable], rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start_step: int = 0, epoch: int = 0, resampled: bool | None = None) -> DataLoader:
-    """Batches of `cfg.batch_size // world_size` samples for this rank (see module docstring)."""
+                 start_step: int = 0, epoch: int = 0, resampled: bool | None = None,
+                 seen: Seen | None = None) -> DataLoader:
+    """Batches of `cfg.batch_size // world_size` samples for this rank (see module docstring); in epoch mode
+    without the samples `seen` earlier in the epoch."""
     if cfg.batch_size % world_size:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by {world_size} ranks")
     _register_fsspec_schemes()
@@ -301,7 +350,7 @@ def build_loader(cfg: DataConfig, *, split: Literal["train", "val"], modalities:
         raise ValueError("data.val is not set")
     stream = ShardStream(cfg, spec, cfg.train_weights if train else None, modalities, preprocess, train,
                          cfg.resampled if resampled is None else resampled, rank, world_size, seed, start_step,
-                         epoch, cfg.batch_size // world_size)
+                         epoch, cfg.batch_size // world_size, seen or Seen())
     generator = torch.Generator().manual_seed(hash((seed, rank, start_step, epoch)) % 2**62)
     if cfg.workers:
         # Batches reach this process as shared-memory files named in the message (torch_shm_manager removes

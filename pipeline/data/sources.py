@@ -3,14 +3,17 @@
 
 Resampled mode draws shards with replacement, by source weight, from a generator seeded by
 (seed, rank, worker, start step): infinite, reproducible, and a resumed run at step S draws what
-an uninterrupted run restarted at S draws. Epoch mode gives every shard to exactly one
-(rank, worker) per epoch, after a shuffle that depends only on (seed, epoch).
+an uninterrupted run restarted at S draws. Epoch mode shuffles the shards by (seed, epoch) alone.
+When every shard's sample count is known, each (rank, worker) then reads one contiguous run of
+the epoch's samples not yet seen (`epoch_share`), so the epoch can be split again over another
+number of ranks mid-way; otherwise each shard goes to exactly one (rank, worker).
 """
 from __future__ import annotations
 
 import glob
 import json
 import random
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -83,8 +86,75 @@ def resampled_urls(sources: list[Source], seed: int, rank: int, worker: int, sta
         yield rng.choice(source.urls)
 
 
-def epoch_urls(sources: list[Source], seed: int, epoch: int, rank: int, world: int, worker: int,
-               workers: int) -> list[str]:
+def epoch_order(sources: list[Source], seed: int, epoch: int) -> list[str]:
     urls = [u for s in sources for u in s.urls]
     random.Random(f"{seed}/epoch{epoch}").shuffle(urls)
-    return urls[rank::world][worker::workers]
+    return urls
+
+
+def epoch_urls(sources: list[Source], seed: int, epoch: int, rank: int, world: int, worker: int,
+               workers: int) -> list[str]:
+    return epoch_order(sources, seed, epoch)[rank::world][worker::workers]
+
+
+class Seen:
+    """Global sample indices an epoch has already given, as sorted disjoint [start, end) ranges: small,
+    because whole shards are consumed in order and only a shuffle buffer's reach is scattered."""
+
+    def __init__(self, ranges=()):
+        self.ranges = [(int(a), int(b)) for a, b in ranges]
+        self._starts = [a for a, _ in self.ranges]
+
+    @classmethod
+    def of(cls, indices) -> "Seen":
+        ranges: list[list[int]] = []
+        for i in sorted(set(indices)):
+            if ranges and ranges[-1][1] == i:
+                ranges[-1][1] = i + 1
+            else:
+                ranges.append([i, i + 1])
+        return cls(ranges)
+
+    def union(self, other: "Seen") -> "Seen":
+        merged: list[list[int]] = []
+        for a, b in sorted(self.ranges + other.ranges):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        return Seen(merged)
+
+    def __contains__(self, index: int) -> bool:
+        at = bisect_right(self._starts, index) - 1
+        return at >= 0 and index < self.ranges[at][1]
+
+    def count(self, start: int, end: int) -> int:
+        """How many of the indices in [start, end) were seen (only the ranges that overlap are visited)."""
+        lo, hi = max(bisect_right(self._starts, start) - 1, 0), bisect_left(self._starts, end)
+        return sum(max(0, min(b, end) - max(a, start)) for a, b in self.ranges[lo:hi])
+
+    def __len__(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+
+def epoch_share(order: list[str], sizes: dict[str, int], offsets: dict[str, int], seen: Seen, rank: int,
+                world: int, worker: int, workers: int, batch: int) -> dict[str, range]:
+    """url -> positions among that shard's unseen samples that this (rank, worker) reads this epoch.
+
+    The unseen samples, in shard order, are cut into `world` near-equal contiguous runs (so every rank
+    has as many full batches as any other, give or take one), and a rank's run into whole batches per
+    worker, batch j going to worker j % workers (the order a DataLoader takes them in)."""
+    left = [sizes[u] - seen.count(offsets[u], offsets[u] + sizes[u]) for u in order]
+    total = sum(left)
+    start, end = rank * total // world, (rank + 1) * total // world
+    full = (end - start) // batch
+    before = sum(len(range(w, full, workers)) for w in range(worker))
+    start, end = start + before * batch, (end if worker == workers - 1 else
+                                          start + (before + len(range(worker, full, workers))) * batch)
+    share, at = {}, 0
+    for url, n in zip(order, left):
+        first, stop = max(start - at, 0), min(end - at, n)
+        if first < stop:
+            share[url] = range(first, stop)
+        at += n
+    return share

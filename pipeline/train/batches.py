@@ -1,20 +1,26 @@
 """Training batches across restarts: where the data stream is, so a resumed run continues it exactly.
 
 Resampled streams are infinite and reseeded by step at every (re)start, so the batches after a
-checkpoint are a function of the step alone. Epoch streams read each shard once per epoch; every
-rank takes the same number of batches per epoch (epoch size // global batch, so collectives stay
-in step) and the position (epoch, batches taken) is checkpointed and restored by skipping.
+checkpoint are a function of the step (and the number of ranks) alone. Epoch streams read each
+sample once per epoch; every rank takes the same number of batches per epoch (epoch size // global
+batch, so collectives stay in step). The position (epoch, batches taken) is checkpointed with the
+epoch's seen samples: on as many ranks the same stream is rebuilt and skipped into (bit for bit);
+on another number, the samples not yet seen are split over the new ranks (a new "segment").
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import reduce
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterator
 
+import torch.distributed as dist
+
 from pipeline.data.config import DataConfig
-from pipeline.data.sources import expand_spec, shard_sizes
+from pipeline.data.sources import Seen, expand_spec, shard_sizes
 from pipeline.errors import UserError
+from pipeline.train.ranks import distributed
 
 if TYPE_CHECKING:
     from pipeline.batch import Batch
@@ -59,23 +65,43 @@ def only_batches(records, tally: Tally) -> Iterator[Batch]:
         yield record
 
 
+def gathered_seen(mine: Seen | None) -> Seen | None:
+    """The union of every rank's seen samples (None if any rank's samples have no index)."""
+    ranges = mine.ranges if mine is not None else None
+    parts = [ranges]
+    if distributed():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, ranges)
+    return None if None in parts else reduce(Seen.union, map(Seen, parts))
+
+
 class BatchStream:
-    def __init__(self, cfg: DataConfig, make_loader: Callable[[int, int], object], world_size: int, step: int,
-                 epoch: int = 0, taken: int = 0):
-        self.cfg, self.make_loader = cfg, make_loader
+    """`make_loader(step, epoch, seen)` builds this rank's loader; `position` is a checkpoint's `state()`."""
+
+    def __init__(self, cfg: DataConfig, make_loader: Callable[[int, int, Seen], object], world_size: int, step: int,
+                 position: dict):
+        self.cfg, self.make_loader, self.world = cfg, make_loader, world_size
         self.per_epoch = None if cfg.resampled else epoch_batches(cfg)
-        self.epoch, self.taken = epoch, taken
+        self.epoch, self.taken = position.get("epoch", 0), position.get("batches_in_epoch", 0)
         self.local_batch = cfg.batch_size // world_size
         self.tally = Tally()
         if cfg.resampled:
             self.restart(step)
-        else:  # an epoch's stream does not depend on the step: rebuild it and skip what was taken
-            self.it = islice(only_batches(make_loader(0, epoch), self.tally), taken, self.per_epoch)
+        elif position.get("world_size", world_size) == world_size:  # rebuild the segment's stream, skip what it gave
+            self._segment(position.get("segment_start", 0), Seen(position.get("segment_seen", ())))
+        else:  # another number of ranks: a new segment splits what the epoch has not given yet
+            self._segment(self.taken, Seen(position["seen"]))
+
+    def _segment(self, start: int, seen: Seen) -> None:
+        """This epoch's stream from batch `start` on, which reads none of the `seen` samples."""
+        self.start, self.base, self.mine, self.indexed = start, seen, Seen(), True
+        loader = self.make_loader(0, self.epoch, seen)
+        self.it = islice(only_batches(loader, self.tally), self.taken - start, self.per_epoch - start)
 
     def restart(self, step: int) -> None:
         """Reseed a resampled stream at `step` (done at every checkpoint, so resumes see the same data)."""
         if self.cfg.resampled:
-            self.it = only_batches(self.make_loader(step, self.epoch), self.tally)
+            self.it = only_batches(self.make_loader(step, self.epoch, Seen()), self.tally)
 
     def __next__(self) -> Batch:
         if self.per_epoch is not None and self.taken >= self.per_epoch:
@@ -92,16 +118,26 @@ class BatchStream:
         batch["skipped"] = dict(Counter(batch.get("skipped", {})) + self.tally.pending)
         self.tally.pending.clear()
         self.taken += 1
+        if self.per_epoch is not None:
+            indices = batch["index"].tolist()
+            self.indexed = self.indexed and min(indices) >= 0
+            self.mine = self.mine.union(Seen.of(indices)) if self.indexed else self.mine
         return batch
 
     def _next_epoch(self) -> None:
         self.epoch, self.taken = self.epoch + 1, 0
         self.tally.epoch, self.tally.shards = Counter(), 0
-        self.it = islice(only_batches(self.make_loader(0, self.epoch), self.tally), self.per_epoch)
+        self._segment(0, Seen())
 
     def close(self) -> None:
         """Shut the loader's workers down now (they ignore SIGTERM, so they must not be left to exit handlers)."""
         self.it = iter(())
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.taken}
+        """Called on every rank at once (it gathers the epoch's seen samples)."""
+        state = {"epoch": self.epoch, "batches_in_epoch": self.taken}
+        if self.per_epoch is None:
+            return state
+        seen = gathered_seen(self.mine if self.indexed else None)
+        return {**state, "world_size": self.world, "segment_start": self.start, "segment_seen": self.base.ranges,
+                "seen": self.base.union(seen).ranges if seen is not None else None}

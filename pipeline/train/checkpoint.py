@@ -2,7 +2,8 @@
 
 Layout under `output_dir/checkpoints/`: `step_00000100/` (DeepSpeed's files, one `rank{R}_state.pt`
 per rank with its RNG state and its share of the loss's state, a consolidated `model.safetensors` +
-`model_config.yaml`, and `manifest.json` with every file's size and CRC32), and `latest` naming the
+`model_config.yaml`, `layout.json` with the ranks, ZeRO stage and batch it was written with (see
+pipeline.train.elastic), and `manifest.json` with every file's size and CRC32), and `latest` naming the
 newest one. A checkpoint is written under `step_X.tmp` and renamed when every rank is done, so a kill
 at any moment leaves the previous checkpoint intact. Each rank hashes the files it wrote right after
 writing them; rank 0 merges the lists and writes the manifest last. Only a checkpoint whose manifest verifies is resumed
@@ -22,6 +23,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.integrity import MANIFEST, hash_files, newest_verified, verify, write_manifest
 from pipeline.models.io import checkpoints_of, save_model
+from pipeline.train.elastic import Plan, write_layout
 from pipeline.train.ranks import barrier, decide_on_rank0, distributed
 
 LATEST = "latest"
@@ -73,6 +75,7 @@ def save_checkpoint(engine, cfg: RunConfig, step: int, client_state: dict, rank:
         if logit_scale is not None:
             state["logit_scale"] = torch.full_like(state["logit_scale"], logit_scale)
         save_model(state, cfg.model, folder)
+        write_layout(folder, cfg, dist.get_world_size() if dist.is_initialized() else 1, client_state)
         rest = [p.name for p in folder.iterdir() if p.is_file() and p.name not in records and p.name != MANIFEST]
         write_manifest(folder, {**records, **hash_files(folder, rest)})
         final, aside = root / tag, root / (tag + ".old")
@@ -160,10 +163,26 @@ def find_resume_tag(cfg: RunConfig, resume: Optional[str]) -> Optional[str]:
     return decide_on_rank0(decide)
 
 
-def load_checkpoint(engine, cfg: RunConfig, tag: str, rank: int) -> tuple[dict, list[dict]]:
-    """-> (the run's client state, every saved rank's loss state)."""
+def _repair_universal_load(engine, groups: list[dict]) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal loader (a no-op after ZeRO 1-2): it gives every param
+    group the first one's settings (weight decay included), and one `step` tensor to every group, which the
+    fused AdamW then advances once per group at each step (bias correction runs ahead). `groups`: the
+    settings before the load; the learning rates are the restored schedule's."""
+    for group, own, lr in zip(engine.optimizer.param_groups, groups, engine.lr_scheduler.get_last_lr()):
+        group.update(own, lr=lr)
+    for state in engine.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def load_checkpoint(engine, cfg: RunConfig, tag: str, rank: int, plan: Plan) -> tuple[dict, list[dict]]:
+    """-> (the run's client state, every saved rank's loss state); DeepSpeed's states come from where `plan`
+    says (the checkpoint, or its universal conversion)."""
     root = checkpoint_root(cfg)
-    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    load_path, client_state = engine.load_checkpoint(str(plan.load_dir), tag=plan.tag)
     if load_path is None:
         raise UserError(f"checkpoint {root / tag} could not be loaded; remove it or pass --resume with another one")
+    if plan.universal:
+        _repair_universal_load(engine, groups)
     return client_state, restore_rank_state(root / tag, rank)

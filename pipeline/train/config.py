@@ -26,6 +26,8 @@ class TrainConfig(Section):
         default=None, gt=0, description="GradCache chunk per rank; null encodes the local batch at once"
     )
     log_every: int = Field(default=10, gt=0)
+    log_keys: bool = Field(default=False, description="each rank appends the keys of every batch it trains on to "
+                           "keys/rank{R}.jsonl: an audit of what a run saw, e.g. across a resume on other ranks")
     checkpoint_every: int = Field(default=100, gt=0)
     keep_checkpoints: int = Field(default=2, ge=1)
     max_bad_steps: int = Field(default=10, ge=1, description="abort after this many NaN/inf losses")

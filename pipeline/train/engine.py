@@ -43,8 +43,9 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
-    """The DeepSpeed JSON this run implies; `deepspeed.config_override` is merged on top."""
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed JSON this run implies; `deepspeed.config_override` is merged on top. `load_universal`:
+    the checkpoint to resume is a universal one (converted to resume on another number of ranks)."""
     local_batch = cfg.data.batch_size // world_size
     ds = {
         "train_batch_size": local_batch * world_size,
@@ -60,6 +61,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     if cfg.optim.grad_clip:
         ds["gradient_clipping"] = cfg.optim.grad_clip
@@ -87,7 +89,8 @@ class Engine:
     """The one interface the loop uses: encode, backward, step (or skip), train/eval mode. DeepSpeed is behind
     it (`ds`, for checkpointing), so the loop never knows the ZeRO stage, the device or the precision."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int, loss_groups: Sequence[dict] = ()):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int, loss_groups: Sequence[dict] = (),
+                 load_universal: bool = False):
         import deepspeed
 
         o = cfg.optim
@@ -99,7 +102,7 @@ class Engine:
         # deepspeed annotates lr_scheduler as the old torch _LRScheduler; any LRScheduler works
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
-            config=deepspeed_config(cfg, world_size))
+            config=deepspeed_config(cfg, world_size, load_universal))
         if world_size == 1 and cfg.deepspeed.zero_stage == 0:
             # One rank has nothing to average, but DeepSpeed would still flatten, "reduce" and copy back every
             # gradient at each step. (ZeRO stages >= 1 keep their reduction: it fills their partitions.)

@@ -1,6 +1,7 @@
 """`mmclip train`: set up the ranks, the run directory, the model, loss and engine, then hand over to the Trainer.
 
-set up ranks -> lock output_dir -> build model, loss, engine -> resume -> Trainer.fit() -> exit code.
+set up ranks -> lock output_dir -> plan the resume (convert the checkpoint if the number of ranks changed)
+-> build model, loss, engine -> resume -> Trainer.fit() -> exit code.
 """
 from __future__ import annotations
 
@@ -136,9 +137,11 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
     from pipeline.modalities.preprocess import preprocessors
     from pipeline.models import build_model
     from pipeline.train.allocator import keep_freed_memory
-    from pipeline.train.checkpoint import find_resume_tag, load_checkpoint
+    from pipeline.train.checkpoint import checkpoint_root, find_resume_tag, load_checkpoint
+    from pipeline.train.elastic import describe, plan_resume
     from pipeline.train.engine import Engine
     from pipeline.train.metrics import RunLog
+    from pipeline.train.ranks import barrier, decide_on_rank0
     from pipeline.train.trainer import Trainer
 
     rank, world = env.rank, env.world_size
@@ -154,20 +157,26 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
         model = build_model(cfg.model)
         group = dist.group.WORLD if world > 1 else None
         loss_module = build_loss(cfg.loss, group=group, seed=cfg.train.seed, num_samples=num_samples)
-        engine = Engine(model, cfg, world, loss_module.param_groups(model))
+        tag = find_resume_tag(cfg, resume)
+        plan = decide_on_rank0(lambda: plan_resume(cfg, checkpoint_root(cfg) / tag, world)) if tag else None
+        engine = Engine(model, cfg, world, loss_module.param_groups(model), load_universal=bool(plan and plan.universal))
         preprocess = preprocessors(model.inputs(), cfg.data, train=True)
 
-        def make_loader(at_step: int, epoch: int):
+        def make_loader(at_step: int, epoch: int, seen):
             return build_loader(cfg.data, split="train", modalities=cfg.modalities, preprocess=preprocess, rank=rank,
-                                world_size=world, seed=cfg.train.seed, start_step=at_step, epoch=epoch)
+                                world_size=world, seed=cfg.train.seed, start_step=at_step, epoch=epoch, seen=seen)
 
         trainer = Trainer(cfg, engine, loss_module, make_loader, rank, world, log)
-        tag = find_resume_tag(cfg, resume)
         if tag is not None:
-            run_state, loss_states = load_checkpoint(engine.ds, cfg, tag, rank)
+            run_state, loss_states = load_checkpoint(engine.ds, cfg, tag, rank, plan)
             trainer.load_state_dict(run_state)
             loss_module.load_states(loss_states)
-            log.event("resume", trainer.step, checkpoint=tag)
+            barrier()
+            if rank == 0:
+                plan.done()
+            log.event("resume", trainer.step, checkpoint=tag, from_world_size=plan.saved)
+            if plan.changed and rank == 0:
+                print(describe(plan, trainer.step, cfg, run_state["data"]), flush=True)
         log.event("start", trainer.step, node=env.node, master=f"{env.master_addr}:{env.master_port}")
         code = trainer.fit()
         log.close()

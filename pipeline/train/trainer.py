@@ -7,6 +7,7 @@ optimizer, schedule): step, samples seen, skip counts, bad steps and the data st
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -76,8 +77,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to optim.total_steps; returns the exit code (0, or the signal's code after a stop)."""
         cfg = self.cfg
-        self.batches = BatchStream(cfg.data, self.make_loader, self.world, self.step,
-                                   self.position.get("epoch", 0), self.position.get("batches_in_epoch", 0))
+        self.batches = BatchStream(cfg.data, self.make_loader, self.world, self.step, self.position)
         self.progress = _progress(self.rank, self.step, cfg.optim.total_steps)
         self.engine.train()
         self.window = (time.time(), 0)
@@ -104,6 +104,8 @@ class Trainer:
     def train_step(self, batch: Batch) -> None:
         cfg, engine = self.cfg, self.engine
         self.skipped.update(batch.get("skipped", {}))
+        if cfg.train.log_keys:
+            self.log_keys(batch["key"])
         inputs = to_device(model_inputs(batch, self.modalities), engine.device, engine.dtype)
         micro = cfg.train.micro_batch or cfg.data.batch_size // self.world
         index = batch.get("index")
@@ -126,6 +128,12 @@ class Trainer:
         self.samples += cfg.data.batch_size
         self.window = (self.window[0], self.window[1] + cfg.data.batch_size)
         self.progress.update(1)
+
+    def log_keys(self, keys: list[str]) -> None:
+        folder = Path(self.cfg.output_dir) / "keys"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step + 1, "keys": keys}) + "\n")
 
     def maybe_log(self) -> None:
         if self.step % self.cfg.train.log_every and self.step != self.cfg.optim.total_steps:

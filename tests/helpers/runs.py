@@ -7,6 +7,9 @@ from pathlib import Path
 
 from helpers.paths import ROOT
 
+ENV = {**os.environ, "MMCLIP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}  # one thread a rank: 2 ranks, 2 cores
+MMCLIP = [sys.executable, "-m", "pipeline"]
+
 
 def tiny_overrides(shards: Path, out: Path, steps: int, **extra) -> list[str]:
     sets = {
@@ -41,11 +44,27 @@ def train_cmd(nproc: int, overrides: list[str], resume: bool = False, launcher: 
 
 
 def run(cmd, timeout=600):
-    env = {**os.environ, "MMCLIP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def mmclip(args, timeout=600, **kw):
+    return subprocess.run(args if args[0] == sys.executable else MMCLIP + args, cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def one_line_error(proc) -> str:
+    assert proc.returncode not in (0, None), proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("mmclip: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]

@@ -1,24 +1,18 @@
 """Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher),
 10% corrupt shards, hard negatives, Symile with audio, bf16, exact resume, kill -9 recovery."""
 import io
-import json
 import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.paths import ROOT
-from helpers.runs import metrics, run, tiny_overrides, train_cmd
+from helpers.runs import events, metrics, run, tiny_overrides, train_cmd
 
 pytestmark = pytest.mark.slow  # starts training processes
-
-
-def events(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("stage, launcher, override", [

@@ -17,23 +17,7 @@ import pytest
 
 from helpers.faults import KINDS, cases, damage, small_shard
 from helpers.paths import ROOT
-from helpers.runs import metrics, tiny_overrides, train_cmd
-
-ENV = {**os.environ, "MMCLIP_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-MMCLIP = [sys.executable, "-m", "pipeline"]
-
-
-def mmclip(args, timeout=600, **kw):
-    return subprocess.run(args if args[0] == sys.executable else MMCLIP + args, cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def one_line_error(proc) -> str:
-    assert proc.returncode not in (0, None), proc.stdout[-2000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("mmclip: error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    return lines[0]
+from helpers.runs import ENV, MMCLIP, metrics, mmclip, one_line_error, tiny_overrides, train_cmd
 
 
 @pytest.fixture

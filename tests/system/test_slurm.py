@@ -1,18 +1,16 @@
 """Slurm: rendered scripts, submit errors, rank discovery, and real jobs on a local two-node Slurm
 (training on one node x 2 tasks and on 2 nodes x 1 task, a signalled job that requeues itself and
 resumes from its checkpoint in both layouts, and an eval job array spread over the two nodes)."""
-import contextlib
-import io
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from helpers.paths import ROOT
-from helpers.runs import tiny_overrides  # noqa: E402
-from helpers.slurm_cluster import NODES  # noqa: E402
+from helpers.runs import tiny_overrides
+from helpers.slurm_cluster import NODES
+from helpers.slurm_jobs import completed, job_events, jobs, layout, submit, wait
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.launch.env import REQUEUE_EXIT_CODE, discover_env, first_slurm_host
@@ -58,54 +56,6 @@ def test_rank_discovery_from_launchers():
     assert discover_env(torchrun).master_addr == "10.0.0.1" and discover_env({}).world_size == 1
 
 
-FAILED = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-
-
-def _jobs(job, env) -> list[dict]:
-    """`scontrol show job` fields of the job, or of each task of an array job."""
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
-    return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines()]
-
-
-def _wait(job, env, done, timeout=600):
-    """Poll done() until it holds; fail at once, with the job's log, if the job ends badly."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if done():
-            return
-        failed = [j for j in _jobs(job, env) if j.get("JobState") in FAILED]
-        if failed:
-            log = Path(failed[0]["StdOut"])
-            pytest.fail(f"job {job} {failed[0]['JobState']} ({failed[0].get('Reason')}): "
-                        f"{log.read_text()[-3000:] if log.is_file() else ''}")
-        time.sleep(1)
-    pytest.fail(f"job {job} did not finish in {timeout}s: {_jobs(job, env)}")
-
-
-def _completed(job, env):
-    return lambda: {j.get("JobState") for j in _jobs(job, env)} == {"COMPLETED"}
-
-
-def _events(out, kind=None):
-    path = out / "events.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return [e for e in records if kind in (None, e["event"])]
-
-
-def _submit(env, *args):
-    """`mmclip submit` against the test cluster: sbatch passes this environment (SLURM_CONF...) to the job."""
-    printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
-        for k, v in env.items():
-            mp.setenv(k, v)
-        assert main(["submit", str(ROOT / "configs/demo.yaml"), *args]) == 0
-    return printed.getvalue().split("job ")[1].split(":")[0]
-
-
-def _layout(nodes, tasks_per_node):
-    return ["--nodes", str(nodes), "--set", f"slurm.tasks_per_node={tasks_per_node}", "--set", "slurm.cpus_per_task=1"]
-
-
 def _check_ranks(starts, nodes):
     """Two ranks, numbered in node order (rank r on the job's node r // tasks_per_node), the master on rank 0's."""
     assert sorted(e["rank"] for e in starts) == [0, 1] and {e["world_size"] for e in starts} == {2}
@@ -119,10 +69,10 @@ LAYOUTS = pytest.mark.parametrize("nodes, tasks_per_node", [(1, 2), (2, 1)], ids
 
 def test_real_slurm_two_task_training(slurm_cluster, demo_shards, tmp_path):
     out = tmp_path / "run"
-    job = _submit(slurm_cluster, *tiny_overrides(demo_shards, out, 8), *_layout(1, 2),
+    job = submit(slurm_cluster, *tiny_overrides(demo_shards, out, 8), *layout(1, 2),
                   "--set", "deepspeed.zero_stage=2")
-    _wait(job, slurm_cluster, _completed(job, slurm_cluster))
-    _check_ranks(_events(out, "start"), nodes=1)
+    wait(job, slurm_cluster, completed(job, slurm_cluster))
+    _check_ranks(job_events(out, "start"), nodes=1)
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     assert (out / "train.sbatch").is_file()
 
@@ -131,14 +81,14 @@ def test_real_slurm_two_task_training(slurm_cluster, demo_shards, tmp_path):
 def two_node_run(slurm_cluster, demo_shards, tmp_path_factory):
     """The run directory of a 2-node x 1-task training job that ran to the end."""
     out = tmp_path_factory.mktemp("two_nodes") / "run"
-    job = _submit(slurm_cluster, *tiny_overrides(demo_shards, out, 8), *_layout(2, 1))
-    _wait(job, slurm_cluster, _completed(job, slurm_cluster))
+    job = submit(slurm_cluster, *tiny_overrides(demo_shards, out, 8), *layout(2, 1))
+    wait(job, slurm_cluster, completed(job, slurm_cluster))
     return out
 
 
 def test_real_slurm_two_node_training(two_node_run):
-    _check_ranks(_events(two_node_run, "start"), nodes=2)
-    assert sorted((e["rank"], e["step"]) for e in _events(two_node_run, "finished")) == [(0, 8), (1, 8)]
+    _check_ranks(job_events(two_node_run, "start"), nodes=2)
+    assert sorted((e["rank"], e["step"]) for e in job_events(two_node_run, "finished")) == [(0, 8), (1, 8)]
     assert [json.loads(line)["step"] for line in (two_node_run / "metrics.jsonl").read_text().splitlines()] == \
         list(range(1, 9))
     assert (two_node_run / "checkpoints" / "latest").read_text().strip() == "step_00000008"
@@ -154,10 +104,10 @@ def test_real_slurm_eval_array_on_two_nodes(slurm_cluster, two_node_run, demo_sh
                 "zeroshot_retrieval": demo_shards / "demo/wds/fashion_mnist_retrieval"}
     tasks = ", ".join(f"{{task: {task}, dataset: {path}, name: {task}}}" for task, path in datasets.items())
     # a whole node per array task: the two tasks run side by side, one on each node
-    job = _submit(slurm_cluster, "--kind", "eval", "--set", f"output_dir={two_node_run}",
+    job = submit(slurm_cluster, "--kind", "eval", "--set", f"output_dir={two_node_run}",
                   "--set", f"eval.tasks=[{tasks}]", "--cpus-per-task", "2")
-    _wait(job, slurm_cluster, _completed(job, slurm_cluster))
-    assert sorted(j["BatchHost"] for j in _jobs(job, slurm_cluster)) == list(NODES)
+    wait(job, slurm_cluster, completed(job, slurm_cluster))
+    assert sorted(j["BatchHost"] for j in jobs(job, slurm_cluster)) == list(NODES)
     model, _ = load_model(two_node_run)
     for task, path in datasets.items():
         result = json.loads((two_node_run / "eval" / f"{task}.json").read_text())
@@ -167,14 +117,14 @@ def test_real_slurm_eval_array_on_two_nodes(slurm_cluster, two_node_run, demo_sh
 @LAYOUTS
 def test_real_slurm_signal_requeues_and_resumes(slurm_cluster, demo_shards, tmp_path, nodes, tasks_per_node):
     out, steps = tmp_path / "run", 200  # the signal comes within a few steps of the 5th; ~10 steps/s here
-    job = _submit(slurm_cluster, *tiny_overrides(demo_shards, out, steps, **{"train.checkpoint_every": 1000}),
-                  *_layout(nodes, tasks_per_node))
+    job = submit(slurm_cluster, *tiny_overrides(demo_shards, out, steps, **{"train.checkpoint_every": 1000}),
+                  *layout(nodes, tasks_per_node))
     metrics = out / "metrics.jsonl"
-    _wait(job, slurm_cluster, lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5)
+    wait(job, slurm_cluster, lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
-    _wait(job, slurm_cluster, lambda: len(_events(out, "preempted")) == 2)
-    stopped_at = _events(out, "preempted")[0]["step"]
-    assert sorted((e["rank"], e["step"]) for e in _events(out, "preempted")) == [(0, stopped_at), (1, stopped_at)]
+    wait(job, slurm_cluster, lambda: len(job_events(out, "preempted")) == 2)
+    stopped_at = job_events(out, "preempted")[0]["step"]
+    assert sorted((e["rank"], e["step"]) for e in job_events(out, "preempted")) == [(0, stopped_at), (1, stopped_at)]
     assert sorted(p.name for p in (out / "checkpoints" / f"step_{stopped_at:08d}").glob("rank*_state.pt")) == \
         ["rank0_state.pt", "rank1_state.pt"]  # each rank saved its part
 
@@ -183,18 +133,18 @@ def test_real_slurm_signal_requeues_and_resumes(slurm_cluster, demo_shards, tmp_
     def released():
         """Requeue holds the job (BeginTime) while its nodes revoke the old run's credential; release it
         seconds later, not within the revocation's second, or the nodes refuse it and it fails."""
-        if [j["JobState"] for j in _jobs(job, slurm_cluster)] == ["PENDING"]:
+        if [j["JobState"] for j in jobs(job, slurm_cluster)] == ["PENDING"]:
             pending_since.append(time.time())
             if time.time() - pending_since[0] > 3:
                 subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm_cluster,
                                capture_output=True)
-        return bool(_events(out, "resume"))
+        return bool(job_events(out, "resume"))
 
-    _wait(job, slurm_cluster, released)
-    _wait(job, slurm_cluster, _completed(job, slurm_cluster))
-    assert sorted((e["rank"], e["step"]) for e in _events(out, "resume")) == [(0, stopped_at), (1, stopped_at)]
+    wait(job, slurm_cluster, released)
+    wait(job, slurm_cluster, completed(job, slurm_cluster))
+    assert sorted((e["rank"], e["step"]) for e in job_events(out, "resume")) == [(0, stopped_at), (1, stopped_at)]
     assert 0 < stopped_at < steps
-    starts = _events(out, "start")
+    starts = job_events(out, "start")
     _check_ranks(starts[:2], nodes)
     _check_ranks(starts[2:], nodes)
     log = next(out.glob("slurm-*.out")).read_text()
