@@ -68,7 +68,7 @@ def only_batches(records, tally: Tally) -> Iterator[Batch]:
 def gathered_seen(mine: Seen | None) -> Seen | None:
     """The union of every rank's seen samples (None if any rank's samples have no index)."""
     ranges = mine.ranges if mine is not None else None
-    parts = [ranges]
+    parts: list[list[tuple[int, int]] | None] = [ranges]
     if distributed():
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, ranges)
@@ -96,6 +96,7 @@ class BatchStream:
         """This epoch's stream from batch `start` on, which reads none of the `seen` samples."""
         self.start, self.base, self.mine, self.indexed = start, seen, Seen(), True
         loader = self.make_loader(0, self.epoch, seen)
+        assert self.per_epoch is not None  # segments exist in epoch mode only
         self.it = islice(only_batches(loader, self.tally), self.taken - start, self.per_epoch - start)
 
     def restart(self, step: int) -> None:
@@ -119,8 +120,9 @@ class BatchStream:
         self.tally.pending.clear()
         self.taken += 1
         if self.per_epoch is not None:
-            indices = batch["index"].tolist()
-            self.indexed = self.indexed and min(indices) >= 0
+            index = batch.get("index")
+            indices = [] if index is None else index.tolist()
+            self.indexed = self.indexed and bool(indices) and min(indices) >= 0
             self.mine = self.mine.union(Seen.of(indices)) if self.indexed else self.mine
         return batch
 

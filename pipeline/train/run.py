@@ -168,6 +168,7 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
 
         trainer = Trainer(cfg, engine, loss_module, make_loader, rank, world, log)
         if tag is not None:
+            assert plan is not None  # planned above whenever there is a checkpoint to resume
             run_state, loss_states = load_checkpoint(engine.ds, cfg, tag, rank, plan)
             trainer.load_state_dict(run_state)
             loss_module.load_states(loss_states)

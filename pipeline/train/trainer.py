@@ -105,7 +105,7 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         self.skipped.update(batch.get("skipped", {}))
         if cfg.train.log_keys:
-            self.log_keys(batch["key"])
+            self.log_keys(batch.get("key", []))
         inputs = to_device(model_inputs(batch, self.modalities), engine.device, engine.dtype)
         micro = cfg.train.micro_batch or cfg.data.batch_size // self.world
         index = batch.get("index")
