@@ -145,7 +145,7 @@ def test_exported_processor_gives_eval_pixels_and_top1_on_large_png_and_jpeg(tmp
     level on average whatever the model's std. 620x400 and 414x708 resize to a side that exceeds the crop by
     3 (mod 4) at 28 and 224 px, where a stock processor crops one pixel over; 640x420 and 480x800 do not."""
     from pipeline.eval.zeroshot import class_embeddings
-    from pipeline.models.preprocess import tower_preprocessors
+    from pipeline.modalities.preprocess import preprocessors
 
     image = {**IMAGE, "options": {**IMAGE["options"], "image_size": size, "patch_size": patch}}
     cfg = ModelConfig(embed_dim=16, towers={"image": image, "text": TEXT})
@@ -161,7 +161,7 @@ def test_exported_processor_gives_eval_pixels_and_top1_on_large_png_and_jpeg(tmp
     _run_alone(ZERO_SHOT_SIDE, tmp_path, tmp_path / "hf", out, json.dumps(list(map(str, paths))), json.dumps(LABELS))
     served, served_top1 = load_file(str(out)), json.loads((tmp_path / "served.safetensors.json").read_text())
 
-    pre = tower_preprocessors(model, None, train=False)  # what `mmclip eval` feeds the model
+    pre = preprocessors(model.inputs(), None, train=False)  # what `mmclip eval` feeds the model
     ours = torch.stack([pre["image"](Image.open(p)) for p in paths])
     std = torch.tensor(IMAGE["options"]["std"]).view(3, 1, 1)
     gap = {name: ((pixels - ours).abs() * std).mean((1, 2, 3)) for name, pixels in served.items()}
