@@ -117,10 +117,12 @@ TINY_TOWERS = {
 }
 
 
-def test_every_registered_tower_kind_has_a_tiny_config():
+def test_every_built_in_tower_kind_has_a_tiny_config():
     from pipeline.registry import TOWERS
 
-    assert set(TOWERS.names()) <= set(TINY_TOWERS), "add the new tower kind's tiny config to TINY_TOWERS"
+    # plugins loaded by other tests in this process (tests/helpers/plugin_vector.py) register kinds of their own
+    built_in = {n for n in TOWERS.names() if TOWERS.get(n, "").obj.__module__.startswith("pipeline.")}
+    assert built_in <= set(TINY_TOWERS), "add the new tower kind's tiny config to TINY_TOWERS"
 
 
 def _with(tower: dict, **options) -> dict:
