@@ -57,3 +57,21 @@ def submit(env, *args):
 
 def layout(nodes, tasks_per_node):
     return ["--nodes", str(nodes), "--set", f"slurm.tasks_per_node={tasks_per_node}", "--set", "slurm.cpus_per_task=1"]
+
+
+def released_after_requeue(job, env, out, when_pending=None):
+    """A wait() condition: true once the requeued run logged its resume. Requeue holds the job (BeginTime) while
+    its nodes revoke the old run's credential; it is released seconds later, not within the revocation's second,
+    or the nodes refuse it and it fails. `when_pending` runs once, when the job is first seen pending."""
+    pending_since = []
+
+    def done():
+        if [j["JobState"] for j in jobs(job, env)] == ["PENDING"]:
+            if not pending_since:
+                pending_since.append(time.time())
+                if when_pending is not None:
+                    when_pending()
+            elif time.time() - pending_since[0] > 3:
+                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, capture_output=True)
+        return bool(job_events(out, "resume"))
+    return done

@@ -3,14 +3,13 @@
 resumes from its checkpoint in both layouts, and an eval job array spread over the two nodes)."""
 import json
 import subprocess
-import time
 
 import pytest
 
 from helpers.paths import ROOT
 from helpers.runs import tiny_overrides
 from helpers.slurm_cluster import NODES
-from helpers.slurm_jobs import completed, job_events, jobs, layout, submit, wait
+from helpers.slurm_jobs import completed, job_events, jobs, layout, released_after_requeue, submit, wait
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.launch.env import REQUEUE_EXIT_CODE, discover_env, first_slurm_host
@@ -128,19 +127,7 @@ def test_real_slurm_signal_requeues_and_resumes(slurm_cluster, demo_shards, tmp_
     assert sorted(p.name for p in (out / "checkpoints" / f"step_{stopped_at:08d}").glob("rank*_state.pt")) == \
         ["rank0_state.pt", "rank1_state.pt"]  # each rank saved its part
 
-    pending_since = []
-
-    def released():
-        """Requeue holds the job (BeginTime) while its nodes revoke the old run's credential; release it
-        seconds later, not within the revocation's second, or the nodes refuse it and it fails."""
-        if [j["JobState"] for j in jobs(job, slurm_cluster)] == ["PENDING"]:
-            pending_since.append(time.time())
-            if time.time() - pending_since[0] > 3:
-                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm_cluster,
-                               capture_output=True)
-        return bool(job_events(out, "resume"))
-
-    wait(job, slurm_cluster, released)
+    wait(job, slurm_cluster, released_after_requeue(job, slurm_cluster, out))
     wait(job, slurm_cluster, completed(job, slurm_cluster))
     assert sorted((e["rank"], e["step"]) for e in job_events(out, "resume")) == [(0, stopped_at), (1, stopped_at)]
     assert 0 < stopped_at < steps

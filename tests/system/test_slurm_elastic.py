@@ -2,11 +2,10 @@
 short of nodes would), and finishes its epoch there with every sample trained on exactly once."""
 import json
 import subprocess
-import time
 from collections import Counter
 
 from helpers.runs import tiny_overrides
-from helpers.slurm_jobs import completed, job_events, jobs, layout, submit, wait
+from helpers.slurm_jobs import completed, job_events, layout, released_after_requeue, submit, wait
 
 
 def test_real_slurm_two_node_job_requeued_on_one_node_resumes_its_epoch(slurm_cluster, demo_shards, tmp_path):
@@ -18,22 +17,9 @@ def test_real_slurm_two_node_job_requeued_on_one_node_resumes_its_epoch(slurm_cl
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
     wait(job, slurm_cluster, lambda: len(job_events(out, "preempted")) == 2)
     stopped_at = job_events(out, "preempted")[0]["step"]
-    pending_since = []
-
-    def shrunk_and_released():
-        """Give the requeued job one node and one task, then release it (a few seconds after the requeue:
-        the nodes refuse a job released within the second they revoke the old run's credential)."""
-        if [j["JobState"] for j in jobs(job, slurm_cluster)] == ["PENDING"]:
-            if not pending_since:
-                pending_since.append(time.time())
-                subprocess.run(["scontrol", "update", f"jobid={job}", "NumNodes=1-1", "NumTasks=1"],
-                               env=slurm_cluster, check=True, capture_output=True)
-            elif time.time() - pending_since[0] > 3:
-                subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=slurm_cluster,
-                               capture_output=True)
-        return bool(job_events(out, "resume"))
-
-    wait(job, slurm_cluster, shrunk_and_released)
+    shrink = lambda: subprocess.run(["scontrol", "update", f"jobid={job}", "NumNodes=1-1", "NumTasks=1"],  # noqa: E731
+                                    env=slurm_cluster, check=True, capture_output=True)  # as a cluster short of nodes would
+    wait(job, slurm_cluster, released_after_requeue(job, slurm_cluster, out, when_pending=shrink))
     wait(job, slurm_cluster, completed(job, slurm_cluster))
     resumed = job_events(out, "resume")
     assert [(e["rank"], e["world_size"], e["from_world_size"], e["step"]) for e in resumed] == [(0, 1, 2, stopped_at)]
