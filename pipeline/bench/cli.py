@@ -53,8 +53,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                        help="configs/bench_realistic.yaml (ViT-Ti/16 shape, 224 px) on the realistic JPEGs, fp32 and "
                             "bf16, samples/s and peak RSS (uses --batch, default 32, and --steps, default 8)")
     train.add_argument("--repeats", type=int, default=3, help="runs per trainer (median reported)")
-    quality = sub.add_parser("quality", help="zero-shot quality of loss options on the demo, mean over seeds")
-    quality.add_argument("--study", choices=["small_batch", "mined"], default="small_batch")
+    quality = sub.add_parser("quality", help="mmclip vs open_clip_train, and what the loss options buy, scored by "
+                             "CLIP_benchmark over seeds (pipeline.bench.quality)")
+    quality.add_argument("--study", choices=["parity", "small_batch", "hard_negatives"], default="parity")
     quality.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     for sp in (loss, data, train, quality):
         sp.add_argument("--out", default="docs/bench", help="where tables and plots go")
@@ -112,6 +113,7 @@ def run_bench(args) -> int:
     elif args.bench == "quality":
         from pipeline.bench.quality import run_quality_bench
 
+        require_extra("clip_benchmark", "mmclip bench quality (CLIP_benchmark is its judge)")
         run_quality_bench(args.study, args.seeds, args.out)
     elif args.realistic:
         from pipeline.bench.realistic_data import build_realistic

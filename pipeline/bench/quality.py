@@ -1,75 +1,270 @@
-"""`mmclip bench quality`: what a loss option buys in zero-shot quality, on the demo, averaged over seeds.
+"""`mmclip bench quality --study parity|small_batch|hard_negatives`: is a model trained here good, and what
+do the loss options beyond InfoNCE buy? Every arm is trained in a fresh subprocess for each seed (arms
+interleaved within a seed) and scored by CLIP_benchmark (pipeline/bench/judge.py); tables give mean ± std.
 
-Each arm trains configs/demo.yaml with some overrides (fresh subprocess, same data, same number of
-samples seen) and is scored by the demo's final eval (zero-shot classification and retrieval).
-Studies:
-- small_batch: InfoNCE at global batch 32, the global contrastive loss (global_clip) at batch 32, and
-  InfoNCE at batch 128 (a quarter of the steps), the large-batch reference;
-- mined: InfoNCE with and without mined + mixed hard negatives, at the demo's batch.
+- parity: mmclip vs open_clip_train on the same open_clip towers, shards, batch, steps and optimiser
+  settings (lr, weight decay, warmup, betas, eps, grad clip, normalisation), on the study set
+  (configs/study.yaml) and on the demo (configs/demo.yaml). The study set's captions are read as open_clip
+  reads them only if each has one line, so both trainers get an English-only copy of its train shards.
+- small_batch (study set): InfoNCE at global batch 32 and 512, the global contrastive loss at 32, and
+  InfoNCE at 512 computed in GradCache chunks of 32 (the memory of batch 32).
+- hard_negatives (study set): InfoNCE, + mined and mixed negatives, + the edited-caption negatives the
+  study set ships (.neg.txt) weighted by DiHT's HN-NCE β.
+On the study set every arm sees the same number of samples (SAMPLES); the learning rate follows the
+square root of the batch (the config's lr is for its batch of 128). Validation retrieval over steps (the
+val split, never the test sets) is plotted per arm.
 """
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.bench.train import ROOT, subprocess_env
+from pipeline.bench.judge import EvalSet, clip_benchmark_scores, open_clip_train_dir, probe_scores
+from pipeline.bench.train import ROOT, open_clip_cmd, open_clip_model_config, subprocess_env
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import UserError
 
-SMALL = {"data.batch_size": 32, "optim.total_steps": 1200, "optim.warmup_steps": 80, "train.checkpoint_every": 1200,
-         "train.log_every": 100}
-STUDIES = {
-    "small_batch": {
-        "InfoNCE, batch 32": {**SMALL, "loss": "{kind: clip}"},
-        "global_clip, batch 32": {**SMALL, "loss": "{kind: global_clip, gamma: 0.2, gamma_schedule: cosine, "
-                                                   "gamma_decay_steps: 1200}"},
-        "InfoNCE, batch 128": {"loss": "{kind: clip}"},
-    },
-    "mined": {
-        "InfoNCE": {"loss": "{kind: clip}"},
-        "InfoNCE + mined negatives": {"loss": "{kind: clip, mined_negatives: {top_k: 16, mixed: 8, "
-                                              "mix_with_anchor: 4, start_step: 50}}"},
-    },
+SAMPLES = 64_000  # per study-set arm: 2.8 epochs of the 22,812 training scenes
+STUDY_ROOT = Path("data/shards/study")
+VAL_METRIC = "val/image_retrieval_recall@1"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    config: str
+    sets: tuple[EvalSet, ...]
+    probe: Path | None = None
+    parity_train: str | None = None  # the English-only copy both trainers read in the parity study
+
+
+STUDY = Dataset("study set", "configs/study.yaml",
+                (EvalSet("concepts", "zeroshot_classification", STUDY_ROOT / "wds/study_concepts"),
+                 EvalSet("retrieval", "zeroshot_retrieval", STUDY_ROOT / "wds/study_retrieval")),
+                STUDY_ROOT / "probe", str(STUDY_ROOT / "parity_en/train-{000000..000011}.tar"))
+DEMO = Dataset("demo", "configs/demo.yaml",
+               (EvalSet("concepts", "zeroshot_classification", Path("data/shards/demo/wds/fashion_mnist")),
+                EvalSet("retrieval", "zeroshot_retrieval", Path("data/shards/demo/wds/fashion_mnist_retrieval"))))
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    dataset: Dataset
+    overrides: dict = field(default_factory=dict)  # `--set` keys over the dataset's config
+    trainer: str = "mmclip"  # or open_clip_train
+    batch: int | None = None  # study-set arms: the global batch (steps = SAMPLES / batch)
+
+
+def _at_batch(batch: int, micro_batch: int | None = None) -> dict:
+    steps = SAMPLES // batch
+    return {"data.batch_size": batch, "optim.total_steps": steps, "optim.warmup_steps": max(1, steps * 8 // 100),
+            "train.checkpoint_every": steps, "train.log_every": max(1, steps // 20), "eval.every_steps": steps // 8,
+            "train.micro_batch": micro_batch or "null"}
+
+
+PARITY = {"eval.tasks": "[]"}  # the judge scores the test sets; parity needs no curve
+MINED = "{kind: clip, mined_negatives: {top_k: 16, mixed: 8, mix_with_anchor: 4, start_step: 100}}"
+STUDIES: dict[str, list[Arm]] = {
+    "parity": [Arm("mmclip", STUDY, PARITY), Arm("open_clip_train", STUDY, PARITY, "open_clip_train"),
+               Arm("mmclip", DEMO, PARITY), Arm("open_clip_train", DEMO, PARITY, "open_clip_train")],
+    "small_batch": [
+        Arm("InfoNCE, batch 32", STUDY, _at_batch(32), batch=32),
+        Arm("global_clip, batch 32", STUDY, {**_at_batch(32), "loss": "{kind: global_clip, gamma: 0.2, "
+            f"gamma_schedule: cosine, gamma_decay_steps: {SAMPLES // 32}}}"}, batch=32),
+        Arm("InfoNCE, batch 512", STUDY, _at_batch(512), batch=512),
+        Arm("InfoNCE, batch 512 in GradCache chunks of 32", STUDY, _at_batch(512, 32), batch=512)],
+    "hard_negatives": [
+        Arm("InfoNCE", STUDY, _at_batch(128), batch=128),
+        Arm("+ mined and mixed negatives", STUDY, {**_at_batch(128), "loss": MINED}, batch=128),
+        Arm("+ 2 edited-caption negatives, HN-NCE β 0.5", STUDY, {
+            **_at_batch(128), "data.hard_negatives": "{modality: text, extension: neg.txt, k: 2}",
+            "loss": "{kind: clip, hard_negative_beta: 0.5}"}, batch=128)],
 }
-METRICS = ("fashion_mnist/acc1", "fashion_mnist_retrieval/image_retrieval_recall@1",
-           "fashion_mnist_retrieval/text_retrieval_recall@1")
-
-
-def train_and_score(overrides: dict, seed: int, out: Path) -> dict:
-    sets = [f"{k}={v}" for k, v in {"output_dir": out, "train.seed": seed, **overrides}.items()]
-    cmd = [sys.executable, "-m", "pipeline", "train", "configs/demo.yaml", *sum((["--set", s] for s in sets), [])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"training failed: {proc.stderr.strip().splitlines()[-1]}")
-    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    return {m: final[m] for m in METRICS}
 
 
 def run_quality_bench(study: str, seeds: list[int], out_dir: str) -> dict:
     arms = STUDIES[study]
-    runs = {arm: [] for arm in arms}
+    for dataset in {a.dataset.name: a.dataset for a in arms}.values():
+        _require_data(dataset)
+        if study == "parity" and dataset.parity_train:
+            english_only_copy(Path(load_config(dataset.config).data.train).parent, Path(dataset.parity_train).parent)
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:  # interleaved: every arm once per seed
-            for i, (arm, overrides) in enumerate(arms.items()):
-                runs[arm].append(train_and_score(overrides, seed, Path(tmp) / f"{seed}_{i}"))
-                print(json.dumps({"arm": arm, "seed": seed, **runs[arm][-1]}), flush=True)
-    report = {"study": study, "seeds": seeds, "arms": {
-        arm: {m: {"mean": statistics.mean(r[m] for r in rs), "runs": [r[m] for r in rs]} for m in METRICS}
-        for arm, rs in runs.items()}}
+            for i, arm in enumerate(arms):
+                start = time.monotonic()
+                scores, curve = train_and_judge(arm, seed, Path(tmp) / f"{seed}-{i}", parity=study == "parity")
+                runs.append({"arm": arm.label, "dataset": arm.dataset.name, "seed": seed, "scores": scores,
+                             "curve": curve, "seconds": round(time.monotonic() - start)})
+                print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
+    report = {"study": study, "seeds": seeds, "samples": SAMPLES, "runs": runs,
+              "machine": _cpu_model(), "arms": [(a.label, a.dataset.name) for a in arms]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality_{study}.json").write_text(json.dumps(report, indent=2))
+    (out / f"quality_{study}.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
     (out / f"quality_{study}.md").write_text(table)
+    if study != "parity":
+        plot_curves(report, out / f"quality_{study}.png")
     print(table)
     return report
 
 
-def markdown(r: dict) -> str:
-    lines = [f"`{r['study']}` on the demo (configs/demo.yaml), mean of seeds {r['seeds']}; the same samples seen by "
-             "every arm.", "", "| arm | zero-shot acc1 | image R@1 | text R@1 |", "|---|---|---|---|"]
-    for arm, m in r["arms"].items():
-        lines.append(f"| {arm} | " + " | ".join(f"{m[k]['mean']:.3f}" for k in METRICS) + " |")
+def train_and_judge(arm: Arm, seed: int, work: Path, parity: bool) -> tuple[dict, list]:
+    """Train one arm, put its model in an open_clip folder, score it; (scores, val curve)."""
+    cfg = load_config(arm.dataset.config)
+    overrides = {**arm.overrides, **_scaled_lr(cfg, arm)}
+    if parity and arm.dataset.parity_train:
+        overrides["data.train"] = arm.dataset.parity_train
+    for key, value in overrides.items():  # the run as it trains: open_clip_train reads its settings from it
+        _assign(cfg, key, value)
+    work.mkdir(parents=True)
+    if arm.trainer == "open_clip_train":
+        model_dir = _train_open_clip(cfg, seed, work)
+        curve = []
+    else:
+        sets = [f"{k}={v}" for k, v in {"output_dir": work / "run", "train.seed": seed, **overrides}.items()]
+        _run([sys.executable, "-m", "pipeline", "train", arm.dataset.config, *sum((["--set", s] for s in sets), [])],
+             "mmclip train")
+        _run([sys.executable, "-m", "pipeline", "export", str(work / "run"), "--out", str(work / "export")],
+             "mmclip export")
+        model_dir = work / "export"
+        rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+        curve = [(r["step"] * cfg.data.batch_size, r[VAL_METRIC]) for r in rows if VAL_METRIC in r]
+    scores = clip_benchmark_scores(model_dir, list(arm.dataset.sets), work)
+    if arm.dataset.probe:
+        scores.update(probe_scores(model_dir, arm.dataset.probe, work))
+    return scores, curve
+
+
+def _scaled_lr(cfg: RunConfig, arm: Arm) -> dict:
+    if arm.batch is None:
+        return {}
+    return {"optim.lr": round(cfg.optim.lr * math.sqrt(arm.batch / cfg.data.batch_size), 8)}
+
+
+def _assign(cfg: RunConfig, dotted: str, value) -> None:
+    if dotted in ("loss", "data.hard_negatives", "eval.tasks"):
+        return  # open_clip_train arms never set these; their mmclip twins pass them as --set
+    section, key = dotted.split(".")
+    if value == "null":
+        value = None
+    setattr(getattr(cfg, section), key, value)
+
+
+def _train_open_clip(cfg: RunConfig, seed: int, work: Path) -> Path:
+    model_json = work / "mmclip_quality_model.json"
+    model_json.write_text(json.dumps(open_clip_model_config(cfg)))
+    cmd = open_clip_cmd(cfg, model_json, work / "logs", cfg.data.batch_size, cfg.optim.total_steps,
+                        cfg.data.workers, seed=seed, warmup=cfg.optim.warmup_steps, save=True)
+    _run(cmd, "open_clip_train")
+    checkpoints = sorted((work / "logs").glob("*/checkpoints/epoch_*.pt"))
+    if not checkpoints:
+        raise RuntimeError(f"open_clip_train saved no checkpoint under {work / 'logs'}")
+    return open_clip_train_dir(checkpoints[-1], cfg, work / "export")
+
+
+def english_only_copy(source_dir: Path, out: Path) -> None:
+    """The study set's train shards with each caption's first (English) line only, written once."""
+    import webdataset as wds
+
+    source = sorted(source_dir.glob("train-*.tar"))
+    if (out / "done").is_file() and (out / "done").read_text() == str(len(source)):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for tar in source:
+        with wds.TarWriter(str(out / tar.name)) as sink:
+            for s in wds.WebDataset(str(tar), shardshuffle=False):
+                sink.write({"__key__": s["__key__"], "png": s["png"], "json": s["json"],
+                            "txt": s["txt"].decode().splitlines()[0].encode()})
+    (out / "done").write_text(str(len(source)))
+
+
+def _require_data(dataset: Dataset) -> None:
+    missing = [s.root for s in dataset.sets if not (ROOT / s.root).is_dir()]
+    if missing:
+        make = "mmclip data study --out data/shards/study" if dataset is STUDY else "make demo-data"
+        raise UserError(f"the {dataset.name} is not built ({missing[0]} is missing); run: {make}")
+
+
+def _run(cmd: list[str], what: str) -> None:
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+
+
+def _cpu_model() -> str:
+    """'AMD EPYC (family 25, model 17)': the model name alone does not tell a Zen 4 from a Zen 5."""
+    info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    return f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+
+
+# ------------------------------------------------------------------------------------------------ report
+COLUMNS = {"zero-shot acc1": "concepts/acc1", "image R@1": "retrieval/image_retrieval_recall@1",
+           "text R@1": "retrieval/text_retrieval_recall@1", "probe": "probe/probe_acc"}
+
+
+def summary(report: dict) -> dict[tuple[str, str], dict[str, tuple[float, float, list[float]]]]:
+    """(arm, dataset) -> column -> (mean, std over seeds, per-seed values)."""
+    out = {}
+    for label, dataset in report["arms"]:
+        runs = [r for r in report["runs"] if (r["arm"], r["dataset"]) == (label, dataset)]
+        out[(label, dataset)] = {}
+        for column, key in COLUMNS.items():
+            values = [r["scores"][key] for r in runs if key in r["scores"]]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                out[(label, dataset)][column] = (statistics.mean(values), std, values)
+    return out
+
+
+def markdown(report: dict) -> str:
+    table = summary(report)
+    columns = [c for c in COLUMNS if any(c in row for row in table.values())]
+    minutes = {}
+    for r in report["runs"]:
+        minutes[r["seed"]] = minutes.get(r["seed"], 0) + r["seconds"] / 60
+    lines = [f"`mmclip bench quality --study {report['study']}`, seeds {report['seeds']}, scored by CLIP_benchmark "
+             f"(probe: `mmclip eval --task compositional_probe`); mean ± std over seeds. {report['machine']}; "
+             f"minutes per seed (all arms): {', '.join(f'{m:.0f}' for m in minutes.values())}.", "",
+             "| data | arm | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for (label, dataset), row in table.items():
+        cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if c in row else "–" for c in columns]
+        lines.append(f"| {dataset} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict, path: Path) -> None:
+    """Validation image→text R@1 against samples seen, mean over seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (label, dataset) in enumerate(report["arms"]):
+        curves = [r["curve"] for r in report["runs"] if (r["arm"], r["dataset"]) == (label, dataset) and r["curve"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        xs = [curves[0][k][0] for k in range(n)]
+        ax.plot(xs, [statistics.mean(c[k][1] for c in curves) for k in range(n)], "o-", color=f"C{i}", label=label)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("val image R@1 (mean over seeds)")
+    ax.set_title(f"{report['study']} on the study set")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -79,17 +79,23 @@ def ours_cmd(config: str, out: Path, batch: int, steps: int, micro_batch: int | 
 
 
 def open_clip_cmd(cfg: RunConfig, model_json: Path, logs: Path, batch: int, steps: int, workers: int,
-                  precision: str = "fp32") -> list[str]:
-    """open_clip_train on our model and shards; `precision` bf16 is its `amp_bf16` (autocast)."""
-    return [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(model_json),
+                  precision: str = "fp32", *, seed: int = 0, warmup: int = 0, save: bool = False) -> list[str]:
+    """open_clip_train on our model and shards with the run's optimiser settings and normalisation;
+    `precision` bf16 is its `amp_bf16` (autocast); `save` keeps its final checkpoint (epoch_1.pt)."""
+    o, image = cfg.optim, cfg.model.towers["image"].options
+    args = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(model_json),
             "--model", model_json.stem, "--train-data", cfg.data.train.split("::")[0],
             "--dataset-type", "webdataset", "--dataset-resampled", "--train-num-samples", str(batch * steps),
             "--batch-size", str(batch), "--epochs", "1", "--workers", str(workers),
             "--precision", "amp_bf16" if precision == "bf16" else "fp32",
-            "--lr", str(cfg.optim.lr), "--wd", str(cfg.optim.weight_decay), "--warmup", "0",
+            "--lr", str(o.lr), "--wd", str(o.weight_decay), "--warmup", str(warmup),
+            "--beta1", str(o.betas[0]), "--beta2", str(o.betas[1]), "--eps", str(o.eps),
             "--log-every-n-steps", "1", "--logs", str(logs), "--name", f"b{batch}-{time.time_ns()}",
-            "--save-frequency", "0", "--report-to", "", "--seed", "0", "--device", "cpu"] + (
-                ["--grad-clip-norm", str(cfg.optim.grad_clip)] if cfg.optim.grad_clip else [])
+            "--save-frequency", "1" if save else "0", "--report-to", "", "--seed", str(seed), "--device", "cpu"]
+    for flag, key in (("--image-mean", "mean"), ("--image-std", "std")):
+        if key in image:
+            args += [flag, *(str(x) for x in image[key])]
+    return args + (["--grad-clip-norm", str(o.grad_clip)] if o.grad_clip else [])
 
 
 def _ours_rate(out: Path, skip: int) -> float:

@@ -10,7 +10,9 @@ true hard negative.
 `mmclip data study --out DIR [--size tiny|full] [--seed N]` writes under DIR:
   train/train-NNNNNN.tar, val/val-NNNNNN.tar  image (.png) + captions (.txt: English, sometimes a
                                               second line with the name in de/fr/es/it/pt) + .json
-                                              (concept, origin, attributes, template, language)
+                                              (concept, origin, attributes, template, language);
+                                              train also .neg.txt: the caption with one attribute
+                                              edited, one line per edit that applies (data.hard_negatives)
   wds/study_concepts     CLIP_benchmark classification of the test images; classes = test concepts
   wds/study_retrieval    CLIP_benchmark retrieval: test images, two captions each
   probe/probe.jsonl      compositional probe: test image path, its caption (pos), the same caption
@@ -47,7 +49,7 @@ from pipeline.data.study_sources import Concept, list_concepts
 from pipeline.data.writer import write_shards
 from pipeline.errors import UserError
 
-RECIPE_VERSION = 1  # bump when a change alters any output byte: cached sets are rebuilt
+RECIPE_VERSION = 2  # bump when a change alters any output byte: cached sets are rebuilt
 PX = 64
 SPLITS = ("train", "val", "test")
 HELD_OUT = {"val": 0.05, "test": 0.10}  # fractions of concepts; at least MIN_HELD_OUT each
@@ -125,10 +127,21 @@ def _scene_rows(split: str, concepts: list[Concept], per_concept: int, seed: int
         if split != "test" and concept.translations and rng.random() < TRANSLATION_CHANCE:
             language = str(rng.choice(sorted(concept.translations)))
             text.append(concept.translations[language])
-        rows.append({"key": key, "image": f"images/{key}.png", "text": text, "concept": concept.name,
-                     "origin": concept.origin, "attributes": scene.as_dict(), "template": template,
-                     "language": language, "scene": scene, "rng": rng})
+        row = {"key": key, "image": f"images/{key}.png", "text": text, "concept": concept.name,
+               "origin": concept.origin, "attributes": scene.as_dict(), "template": template, "language": language,
+               "scene": scene, "rng": rng}
+        if split == "train":
+            row["neg_text"] = _edited_captions(row, {c.name: c.tintable for c in concepts})
+        rows.append(row)
     return rows
+
+
+def _edited_captions(row: dict, tintable: dict[str, bool]) -> list[str]:
+    """A training scene's explicit hard negatives (NegCLIP): its caption under every edit that applies, in a
+    seeded order, so a run taking the first k of them sees every edit type."""
+    others = {name: t for name, t in tintable.items() if name != row["concept"]}
+    edited = [e for e in (apply(row["scene"], others, row["rng"]) for apply in EDITS.values()) if e is not None]
+    return [caption(edited[i], row["template"]) for i in row["rng"].permutation(len(edited))]
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> Path:

@@ -164,6 +164,20 @@ def test_probe_negatives_are_one_edit_that_does_not_describe_the_image(tiny):
         assert max(cover, key=cover.get) == attrs["background"] and cover[attrs["background"]] > 0.2, image
 
 
+def test_training_scenes_carry_their_edited_captions_as_hard_negatives(tiny):
+    """Every train sample has a .neg.txt: its caption under each edit that applies, a true one-edit negative
+    (data.hard_negatives reads it); val and test samples have none."""
+    for s in _samples(tiny, "train"):
+        meta, caption_en = json.loads(s["json"]), s["txt"].decode().splitlines()[0]
+        negatives = s["neg.txt"].decode().splitlines()
+        assert 2 <= len(negatives) <= len(EDITED) and len(set(negatives)) == len(negatives)
+        assert caption_en == caption(Scene(**meta["attributes"]), meta["template"])
+        for neg in negatives:  # the words that differ are the values of the attributes one edit changes
+            old, new = _changed_words(caption_en, neg)
+            assert old and new and any(old <= _value_words(meta["attributes"], set(f)) for f in EDITED.values()), neg
+    assert not any("neg.txt" in s for s in _samples(tiny, "val"))
+
+
 def test_probe_accuracy_of_an_oracle_a_blind_model_and_a_real_one(tiny):
     probe = tiny / "probe"
     items = read_probe(probe)
@@ -200,3 +214,18 @@ def test_a_missing_source_is_named_with_its_package(tmp_path, monkeypatch, capsy
     assert main(["data", "study", "--out", str(tmp_path / "out"), "--size", "tiny", "--no-progress"]) == 2
     assert capsys.readouterr().err.strip() == (f"mmclip: error: the study set needs {tmp_path / 'no-stamps'}: "
                                                "apt-get install -y tuxpaint-stamps-default")
+
+
+def test_the_parity_copy_keeps_each_caption_s_english_line_only(tiny, tmp_path):
+    """open_clip_train reads a .txt as one caption; the parity study gives both trainers the first line."""
+    from pipeline.bench.quality import english_only_copy
+
+    english_only_copy(tiny / "train", tmp_path / "en")
+    original, copy = _samples(tiny, "train"), _samples(tmp_path, "en")
+    assert [s["__key__"] for s in copy] == [s["__key__"] for s in original]
+    assert any(len(s["txt"].decode().splitlines()) == 2 for s in original)
+    for a, b in zip(original, copy):
+        assert b["txt"].decode() == a["txt"].decode().splitlines()[0] and b["png"] == a["png"]
+    stamp = (tmp_path / "en" / "done").stat().st_mtime_ns
+    english_only_copy(tiny / "train", tmp_path / "en")  # written once
+    assert (tmp_path / "en" / "done").stat().st_mtime_ns == stamp

@@ -1,0 +1,38 @@
+"""The quality studies' plan and report (pipeline/bench/quality.py): every study-set arm sees the same samples,
+the learning rate follows the batch, and the table is mean ± std over seeds."""
+import math
+import statistics
+
+import pytest
+
+from pipeline.bench import quality
+from pipeline.config import load_config
+from helpers.paths import ROOT
+
+
+def test_study_set_arms_see_the_same_samples_at_a_batch_scaled_learning_rate():
+    cfg = load_config(ROOT / "configs/study.yaml")
+    for study in ("small_batch", "hard_negatives"):
+        for arm in quality.STUDIES[study]:
+            o = arm.overrides
+            assert o["data.batch_size"] == arm.batch and o["optim.total_steps"] * arm.batch == quality.SAMPLES
+            lr = quality._scaled_lr(cfg, arm)["optim.lr"]
+            assert lr == pytest.approx(cfg.optim.lr * math.sqrt(arm.batch / cfg.data.batch_size))
+    gradcache = [a for a in quality.STUDIES["small_batch"] if "GradCache" in a.label]
+    assert [a.overrides["train.micro_batch"] for a in gradcache] == [32]
+    assert {a.trainer for a in quality.STUDIES["parity"]} == {"mmclip", "open_clip_train"}
+
+
+def test_summary_and_table_are_mean_and_std_over_seeds():
+    values = {"a": [0.5, 0.6, 0.7], "b": [0.2, 0.2, 0.2]}
+    report = {"study": "toy", "seeds": [0, 1, 2], "machine": "a CPU", "arms": [("a", "study set"), ("b", "demo")],
+              "runs": [{"arm": arm, "dataset": data, "seed": seed, "seconds": 60,
+                        "scores": {"concepts/acc1": values[arm][seed], "probe/probe_acc": 0.9}, "curve": []}
+                       for arm, data in (("a", "study set"), ("b", "demo")) for seed in range(3)]}
+    table = quality.summary(report)
+    mean, std, runs = table[("a", "study set")]["zero-shot acc1"]
+    assert (mean, runs) == (pytest.approx(0.6), [0.5, 0.6, 0.7]) and std == pytest.approx(statistics.stdev(runs))
+    assert "image R@1" not in table[("a", "study set")]
+    text = quality.markdown(report)
+    assert "| study set | a | 0.600 ± 0.100 | 0.900 ± 0.000 |" in text and "| demo | b | 0.200 ± 0.000 |" in text
+    assert "a CPU" in text and "minutes per seed (all arms): 2, 2, 2" in text
