@@ -5,9 +5,9 @@ import statistics
 
 import pytest
 
+from helpers.paths import ROOT
 from pipeline.bench import quality
 from pipeline.config import load_config
-from helpers.paths import ROOT
 
 
 def test_study_set_arms_see_the_same_samples_at_a_batch_scaled_learning_rate():
