@@ -6,8 +6,9 @@ interleaved within a seed) and scored by CLIP_benchmark (pipeline/bench/judge.py
   settings (lr, weight decay, warmup, betas, eps, grad clip, normalisation), on the study set
   (configs/study.yaml) and on the demo (configs/demo.yaml). The study set's captions are read as open_clip
   reads them only if each has one line, so both trainers get an English-only copy of its train shards.
-- small_batch (study set): InfoNCE at global batch 32 and 512, the global contrastive loss at 32, and
-  InfoNCE at 512 computed in GradCache chunks of 32 (the memory of batch 32).
+- small_batch (study set): InfoNCE at global batch 32, the global contrastive loss at 32, and InfoNCE at 512
+  computed in GradCache chunks of 32, i.e. in the memory of batch 32 (GradCache's gradient is the whole
+  batch's, tests/unit/test_gradcache.py, so this arm is also plain InfoNCE at 512).
 - hard_negatives (study set): InfoNCE, + mined and mixed negatives, + the edited-caption negatives the
   study set ships (.neg.txt) weighted by DiHT's HN-NCE β.
 On the study set every arm sees the same number of samples (SAMPLES); the learning rate follows the
@@ -80,7 +81,6 @@ STUDIES: dict[str, list[Arm]] = {
         Arm("InfoNCE, batch 32", STUDY, _at_batch(32), batch=32),
         Arm("global_clip, batch 32", STUDY, {**_at_batch(32), "loss": "{kind: global_clip, gamma: 0.2, "
             f"gamma_schedule: cosine, gamma_decay_steps: {SAMPLES // 32}}}"}, batch=32),
-        Arm("InfoNCE, batch 512", STUDY, _at_batch(512), batch=512),
         Arm("InfoNCE, batch 512 in GradCache chunks of 32", STUDY, _at_batch(512, 32), batch=512)],
     "hard_negatives": [
         Arm("InfoNCE", STUDY, _at_batch(128), batch=128),
