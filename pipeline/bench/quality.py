@@ -79,6 +79,7 @@ STUDIES: dict[str, list[Arm]] = {
                Arm("mmclip", DEMO, PARITY), Arm("open_clip_train", DEMO, PARITY, "open_clip_train")],
     "small_batch": [
         Arm("InfoNCE, batch 32", STUDY, _at_batch(32), batch=32),
+        Arm("InfoNCE, batch 128", STUDY, _at_batch(128), batch=128),
         Arm("global_clip, batch 32", STUDY, {**_at_batch(32), "loss": "{kind: global_clip, gamma: 0.2, "
             f"gamma_schedule: cosine, gamma_decay_steps: {SAMPLES // 32}}}"}, batch=32),
         Arm("InfoNCE, batch 512 in GradCache chunks of 32", STUDY, _at_batch(512, 32), batch=512)],
@@ -242,7 +243,30 @@ def markdown(report: dict) -> str:
     for (label, dataset), row in table.items():
         cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if c in row else "–" for c in columns]
         lines.append(f"| {dataset} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *verdict(report["study"], table)]) + "\n"
+
+
+def verdict(study: str, table: dict) -> list[str]:
+    """The issue's question for each study, in numbers: parity within open_clip_train's std, the share of the
+    small-batch gap the global loss recovers, the hard negatives' gain on the probe and cost in zero-shot."""
+    def diff(arm: str, base: str, column: str, dataset: str = STUDY.name) -> float:
+        return table[(arm, dataset)][column][0] - table[(base, dataset)][column][0]
+
+    if study == "parity":
+        return [f"- {dataset}, {column}: mmclip − open_clip_train = {diff('mmclip', 'open_clip_train', column, dataset):+.3f}"
+                f" (open_clip_train's std {table[('open_clip_train', dataset)][column][1]:.3f})"
+                for dataset in dict.fromkeys(d for _, d in table) for column in ("zero-shot acc1", "image R@1", "text R@1")]
+    if study == "small_batch":
+        low, ours = "InfoNCE, batch 32", "global_clip, batch 32"
+        return [f"- {column}: {ours} recovers {diff(ours, low, column) / gap:.0%} of the gap between {low} and {high} "
+                f"({gap:+.3f})" if abs(gap := diff(high, low, column)) > 1e-9 else f"- {column}: no gap to {high}"
+                for high in (a for a, _ in table if a.startswith("InfoNCE") and a != low)
+                for column in ("image R@1", "text R@1")]
+    if study != "hard_negatives":
+        return []
+    return [f"- {arm} (vs InfoNCE, points): "
+            + ", ".join(f"{column} {100 * diff(arm, 'InfoNCE', column):+.1f}" for column in COLUMNS)
+            for arm, _ in table if arm != "InfoNCE"]
 
 
 def plot_curves(report: dict, path: Path) -> None:

@@ -36,3 +36,19 @@ def test_summary_and_table_are_mean_and_std_over_seeds():
     text = quality.markdown(report)
     assert "| study set | a | 0.600 ± 0.100 | 0.900 ± 0.000 |" in text and "| demo | b | 0.200 ± 0.000 |" in text
     assert "a CPU" in text and "minutes per seed (all arms): 2, 2, 2" in text
+
+
+def test_verdicts_answer_each_study_s_question_in_numbers():
+    def table(rows: dict[str, dict[str, float]]) -> dict:
+        return {(arm, "study set"): {c: (v, 0.01, [v]) for c, v in cols.items()} for arm, cols in rows.items()}
+
+    small = table({"InfoNCE, batch 32": {"image R@1": 0.30, "text R@1": 0.28},
+                   "InfoNCE, batch 128": {"image R@1": 0.44, "text R@1": 0.28},
+                   "global_clip, batch 32": {"image R@1": 0.37, "text R@1": 0.30}})
+    lines = quality.verdict("small_batch", small)
+    assert lines[0] == ("- image R@1: global_clip, batch 32 recovers 50% of the gap between InfoNCE, batch 32 and "
+                        "InfoNCE, batch 128 (+0.140)") and lines[1] == "- text R@1: no gap to InfoNCE, batch 128"
+    cols = {"zero-shot acc1": 0.02, "image R@1": 0.4, "text R@1": 0.4, "probe": 0.76}
+    hard = table({"InfoNCE": cols, "+ negatives": {**cols, "probe": 0.82, "zero-shot acc1": 0.015}})
+    assert quality.verdict("hard_negatives", hard) == [
+        "- + negatives (vs InfoNCE, points): zero-shot acc1 -0.5, image R@1 +0.0, text R@1 +0.0, probe +6.0"]
