@@ -107,17 +107,21 @@ def run_quality_bench(study: str, seeds: list[int], out_dir: str) -> dict:
                 runs.append({"arm": arm.label, "dataset": arm.dataset.name, "seed": seed, "scores": scores,
                              "curve": curve, "seconds": round(time.monotonic() - start)})
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
-    report = {"study": study, "seeds": seeds, "samples": SAMPLES, "runs": runs,
-              "machine": _cpu_model(), "arms": [(a.label, a.dataset.name) for a in arms]}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality_{study}.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (out / f"quality_{study}.md").write_text(table)
-    if study != "parity":
-        plot_curves(report, out / f"quality_{study}.png")
+            report = {"study": study, "seeds": seeds[:seeds.index(seed) + 1], "samples": SAMPLES, "runs": runs,
+                      "machine": _cpu_model(), "arms": [(a.label, a.dataset.name) for a in arms]}
+            table = write_report(report, Path(out_dir))  # after every seed: a study cut short keeps what it measured
     print(table)
     return report
+
+
+def write_report(report: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"quality_{report['study']}.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / f"quality_{report['study']}.md").write_text(table)
+    if report["study"] != "parity":
+        plot_curves(report, out / f"quality_{report['study']}.png")
+    return table
 
 
 def train_and_judge(arm: Arm, seed: int, work: Path, parity: bool) -> tuple[dict, list]:
