@@ -42,3 +42,12 @@ def decode_sample(sample: dict, sections: dict[str, ModalityData], negatives=Non
         out["negatives"] = MODALITIES.get(negatives.modality, "data.hard_negatives.modality").obj.decode(
             sample[negatives.extension], sections.get(negatives.modality))
     return out
+
+
+def lazy_extensions(sections: dict[str, ModalityData]) -> frozenset[str]:
+    """The members local shards hand over unread (pipeline.data.tars): those of the modalities in `sections`
+    that read by reference, unless another of them reads the same extension as bytes."""
+    by_reference = {name: MODALITIES.get(name, "data").obj.reads_by_reference for name in sections}
+    lazy = {ext for name, section in sections.items() if by_reference[name] for ext in section.extensions}
+    eager = {ext for name, section in sections.items() if not by_reference[name] for ext in section.extensions}
+    return frozenset(lazy - eager)
