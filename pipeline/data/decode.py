@@ -1,4 +1,5 @@
-"""Decode one WebDataset sample (a dict of raw members) into typed values, or say why it is skipped.
+"""Decode one WebDataset sample (a dict of raw members: bytes, or MemberRefs into a local shard) into typed values,
+or say why it is skipped.
 
 Each configured modality decodes its own members (pipeline.modalities); this module adds what every
 sample shares: its key, JSON metadata, the integer label (`.cls`) and hard-negative members. Pickled

@@ -65,7 +65,8 @@ class EncodedAudio:
         import soundfile
 
         file = self.data.open() if isinstance(self.data, MemberRef) else io.BytesIO(self.data)
-        with file, soundfile.SoundFile(file) as f:
+        # soundfile reads any object with read/seek/tell (its stubs name only paths and BinaryIO)
+        with file, soundfile.SoundFile(file) as f:  # pyright: ignore[reportArgumentType]
             yield f
 
     def read(self, start: int, stop: int) -> np.ndarray:

@@ -6,7 +6,6 @@ from typing import Any, Optional, Protocol
 
 import torch
 
-from pipeline.data.members import MemberRef
 from pipeline.section import Section
 
 
@@ -39,7 +38,7 @@ class Modality:
     # the member it needs: local shards then hand this modality's members over unread (pipeline.data.tars).
     reads_by_reference: bool = False
 
-    def member(self, sample: dict, cfg: ModalityData) -> Optional[bytes | MemberRef]:
+    def member(self, sample: dict, cfg: ModalityData) -> Optional[bytes]:
         for ext in cfg.extensions:
             if ext in sample:
                 return sample[ext]
@@ -50,7 +49,7 @@ class Modality:
         data = self.member(sample, cfg)
         return None if data is None else self.decode(data, cfg)
 
-    def decode(self, data: bytes | MemberRef, cfg: ModalityData) -> Any:
+    def decode(self, data: bytes, cfg: ModalityData) -> Any:
         raise NotImplementedError
 
     def select(self, value: Any, rng: random.Random, train: bool) -> Any:
