@@ -29,8 +29,9 @@ class DataConfig(Section):
     batch_size: int = Field(gt=0, description="global batch (all ranks together)")
     workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(1000, ge=0, description="samples each loader worker shuffles among")
-    shuffle_buffer_mib: float = Field(512, gt=0, description="bound on the raw bytes that buffer holds per worker "
-                                      "(1000 60-s 48 kHz FLACs would be 8 GB)")
+    shuffle_buffer_mib: float = Field(512, gt=0, description="bound on the bytes that buffer holds per worker "
+                                      "(1000 60-s 48 kHz FLACs from a remote shard would be 8 GB; a local "
+                                      "shard's audio is held by reference)")
     missing_modality: Literal["mask", "drop"] = "mask"
     hard_negatives: Optional[HardNegatives] = None
     max_empty_shards: int = Field(16, ge=1, description="stop the run after this many shard reads in a row "

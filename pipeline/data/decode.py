@@ -1,4 +1,5 @@
-"""Decode one WebDataset sample (a dict of raw members) into typed values, or say why it is skipped.
+"""Decode one WebDataset sample (a dict of raw members: bytes, or MemberRefs into a local shard) into typed values,
+or say why it is skipped.
 
 Each configured modality decodes its own members (pipeline.modalities); this module adds what every
 sample shares: its key, JSON metadata, the integer label (`.cls`) and hard-negative members. Pickled
@@ -42,3 +43,12 @@ def decode_sample(sample: dict, sections: dict[str, ModalityData], negatives=Non
         out["negatives"] = MODALITIES.get(negatives.modality, "data.hard_negatives.modality").obj.decode(
             sample[negatives.extension], sections.get(negatives.modality))
     return out
+
+
+def lazy_extensions(sections: dict[str, ModalityData]) -> frozenset[str]:
+    """The members local shards hand over unread (pipeline.data.tars): those of the modalities in `sections`
+    that read by reference, unless another of them reads the same extension as bytes."""
+    by_reference = {name: MODALITIES.get(name, "data").obj.reads_by_reference for name in sections}
+    lazy = {ext for name, section in sections.items() if by_reference[name] for ext in section.extensions}
+    eager = {ext for name, section in sections.items() if not by_reference[name] for ext in section.extensions}
+    return frozenset(lazy - eager)

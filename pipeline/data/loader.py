@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
+import sys
 from collections import Counter
 from typing import Any, Callable, Iterator, Literal, cast
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.batch import Batch
 from pipeline.data.config import DataConfig
-from pipeline.data.decode import decode_sample
+from pipeline.data.decode import decode_sample, lazy_extensions
 from pipeline.data.tars import tar_samples
 from pipeline.data.sources import Seen, epoch_order, epoch_share, epoch_urls, expand_spec, resampled_urls, shard_sizes
 from pipeline.modalities.base import Skip
@@ -88,8 +89,10 @@ def seed_preprocessors(preprocess: dict[str, Callable], rng: random.Random) -> N
             p.rng.seed(rng.random())
 
 
-def raw_bytes(sample: dict) -> int:
-    return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
+def held_bytes(sample: dict) -> int:
+    """What a buffered sample holds: its members' bytes, or for a member left in a local shard (MemberRef) the
+    reference alone (its path string is one per shard, shared by every reference into it)."""
+    return sum(sys.getsizeof(v) for v in sample.values())
 
 
 def shuffled(samples: Iterator[dict], bufsize: int, max_bytes: float, rng: random.Random,
@@ -98,14 +101,14 @@ def shuffled(samples: Iterator[dict], bufsize: int, max_bytes: float, rng: rando
     per yield while the buffer fills) with the buffer bounded by the raw bytes it holds as well as by its
     sample count: samples differ by 100x in size (a JPEG, a minute of FLAC), a count alone does not bound
     a worker's memory."""
-    buf, held = [], 0  # buf: (raw bytes, sample)
+    buf, held = [], 0  # buf: (held bytes, sample)
 
     def full() -> bool:
         return len(buf) >= bufsize or held >= max_bytes
 
     def add(sample: dict) -> None:
         nonlocal held
-        buf.append((raw_bytes(sample), sample))
+        buf.append((held_bytes(sample), sample))
         held += buf[-1][0]
 
     def pick() -> dict:
@@ -148,9 +151,10 @@ class NoDataGuard:
         self.shards_read = 0
         self.totals: Counter = Counter()  # since the stream started (`counts` is emptied at every batch)
 
-    def read(self, urls: Iterator[dict], offsets: dict[str, int] | None = None) -> Iterator[dict]:
+    def read(self, urls: Iterator[dict], offsets: dict[str, int] | None = None,
+             lazy: frozenset[str] = frozenset()) -> Iterator[dict]:
         """Raw samples, shard by shard, so a shard that gives none is noticed; with `offsets` (see
-        `sample_offsets`) each sample gets its global index `__index__`."""
+        `sample_offsets`) each sample gets its global index `__index__`; `lazy`: see `tar_samples`."""
         def on_read_error(exc: Exception) -> bool:
             reason = f"read_error_{type(exc).__name__}"
             self.counts[reason] += 1
@@ -160,7 +164,7 @@ class NoDataGuard:
         for source in urls:
             self.shards_read += 1
             n = 0
-            for raw in tar_samples([source], on_read_error):
+            for raw in tar_samples([source], on_read_error, lazy):
                 if offsets is not None:
                     raw["__index__"] = offsets[source["url"]] + n
                 n += 1
@@ -203,6 +207,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.start_step, self.epoch, self.local_batch, self.seen = start_step, epoch, local_batch, seen
         self.sections = {m: cfg.modality(m) for m in modalities}
+        self.lazy = lazy_extensions(self.sections)
         self.kinds = {m: MODALITIES.get(m, "data").obj for m in modalities}
         self.sizes = shard_sizes([u for s in self.sources for u in s.urls])
         self.offsets = sample_offsets(self.sources, self.sizes)
@@ -241,7 +246,7 @@ class ShardStream(IterableDataset):
 
     def _batches(self, urls, share: dict[str, range] | None, rng: random.Random, skipped: Counter,
                  guard: "NoDataGuard") -> Iterator[Batch | dict[str, Any]]:
-        samples = guard.read(urls, self.offsets)
+        samples = guard.read(urls, self.offsets, self.lazy)
         samples = count_short_shards(samples, self.sizes, skipped)
         if share is not None:
             samples = unseen_share(samples, share, self.seen)

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from pipeline.data.decode import decode_sample
+from pipeline.data.decode import decode_sample, lazy_extensions
 from pipeline.data.sources import expand_spec
 from pipeline.data.tars import tar_samples
 from pipeline.errors import UserError
@@ -67,7 +67,7 @@ def iter_batches(eval_set: EvalSet, modalities: list[str], preprocess: dict[str,
     sections = {m: MODALITIES.section(m, "--modality")() for m in modalities if m != "text"}
     if eval_set.kind == "retrieval":
         sections["text"] = MODALITIES.section("text", "eval")()
-    for raw in tar_samples(({"url": u} for u in eval_set.urls), on_error):
+    for raw in tar_samples(({"url": u} for u in eval_set.urls), on_error, lazy_extensions(sections)):
         try:
             sample = decode_sample(raw, sections)
             item = {m: preprocess[m](sample[m]) for m in modalities if m != "text"}

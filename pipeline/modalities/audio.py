@@ -1,30 +1,37 @@
 """Audio: soundfile (wav/flac/ogg/mp3); only the frames a crop needs are decoded, then mono-mixed and resampled.
 
 `decode` reads the header only. The preprocessor picks each crop in the output timeline, reads just
-that window of the source (soundfile seeks FLAC, OGG, MP3 and WAV in memory) plus the resampling
-filter's reach on both sides, mono-mixes and resamples it: the cost of a crop does not depend on the
-file's length. The result equals the same window of the whole file decoded, mixed and resampled
-(`resample_poly` is shift-invariant on the grid where source frame `n * down` is output sample
-`n * up`, and the margin covers its filter), up to float32 rounding: 1e-5 is the tested tolerance.
+that window of the source (soundfile seeks FLAC, OGG, MP3 and WAV) plus the resampling filter's reach
+on both sides, mono-mixes and resamples it: the cost of a crop does not depend on the file's length.
+In a local shard the member is not even read: the sample holds a MemberRef, and soundfile seeks in a
+window of the shard file (pipeline.data.members), so only the crop's bytes leave the disk. The result
+equals the same window of the whole file decoded, mixed and resampled (`resample_poly` is shift-invariant
+on the grid where source frame `n * down` is output sample `n * up`, and the margin covers its filter),
+up to float32 rounding: 1e-5 is the tested tolerance.
 
 `data.audio.crops: K` takes K crops per sample (random starts when training, evenly spaced in eval);
 the audio tower embeds each and averages (input [B, K, T]; K = 1 keeps [B, T]).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 from dataclasses import dataclass
 from math import ceil, gcd
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
 from pydantic import Field
 
+from pipeline.data.members import MemberRef
 from pipeline.errors import UserError
 from pipeline.modalities.base import Modality, ModalityData, Skip
 from pipeline.registry import MODALITIES
+
+if TYPE_CHECKING:
+    from soundfile import SoundFile
 
 FILTER_HALF_WIDTH = 10  # scipy.signal.resample_poly's default window: 10 * max(up, down) taps each side
 
@@ -44,23 +51,28 @@ class AudioPreprocess:
 
 
 class EncodedAudio:
-    """An audio file whose header is read; `read` decodes a window of it, mono-mixed. `frames_read` counts
-    the source frames decoded so far (what a crop costs)."""
+    """An audio file (bytes, or a MemberRef into a local shard) whose header is read; `read` decodes a window
+    of it, mono-mixed. `frames_read` counts the source frames decoded so far (what a crop costs)."""
 
-    def __init__(self, data: bytes):
-        import soundfile
-
+    def __init__(self, data: bytes | MemberRef):
         self.data = data
-        with soundfile.SoundFile(io.BytesIO(data)) as f:
+        with self._open() as f:
             self.rate, self.frames = f.samplerate, f.frames
         self.frames_read = 0
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[SoundFile]:
         import soundfile
 
+        file = self.data.open() if isinstance(self.data, MemberRef) else io.BytesIO(self.data)
+        # soundfile reads any object with read/seek/tell (its stubs name only paths and BinaryIO)
+        with file, soundfile.SoundFile(file) as f:  # pyright: ignore[reportArgumentType]
+            yield f
+
+    def read(self, start: int, stop: int) -> np.ndarray:
         start, stop = max(0, start), min(self.frames, stop)
         try:
-            with soundfile.SoundFile(io.BytesIO(self.data)) as f:
+            with self._open() as f:
                 if start:
                     f.seek(start)
                 wave = f.read(stop - start, dtype="float32", always_2d=True)
@@ -121,8 +133,9 @@ class AudioClip:
 @MODALITIES.register("audio", config=AudioData)
 class Audio(Modality):
     name = "audio"
+    reads_by_reference = True
 
-    def decode(self, data: bytes, cfg=None) -> EncodedAudio:
+    def decode(self, data: bytes | MemberRef, cfg=None) -> EncodedAudio:
         try:
             audio = EncodedAudio(data)
         except Exception as exc:  # soundfile/libsndfile errors

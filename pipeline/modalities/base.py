@@ -34,6 +34,9 @@ class ModalityData(Section):
 
 class Modality:
     name: str = ""
+    # True when `decode` takes a MemberRef (pipeline.data.members) as well as bytes and reads only the part of
+    # the member it needs: local shards then hand this modality's members over unread (pipeline.data.tars).
+    reads_by_reference: bool = False
 
     def member(self, sample: dict, cfg: ModalityData) -> Optional[bytes]:
         for ext in cfg.extensions:

@@ -2,6 +2,7 @@
 tower; audio crops that decode only their own frames (exact against a full decode); K crops per sample."""
 import io
 import random
+import tarfile
 
 import numpy as np
 import pytest
@@ -132,6 +133,46 @@ def test_an_audio_crop_reads_the_same_frames_from_a_short_and_a_long_file():
         read[seconds] = audio.frames_read
     crop_frames = 48000  # 1 s at the source rate
     assert read[3] == read[30] and crop_frames <= read[30] < 1.01 * crop_frames  # crop + the filter's margin
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_long_flacs_of_a_local_shard_are_read_only_where_the_crops_are_and_crop_as_their_bytes_do(
+        tmp_path, monkeypatch, split):
+    """The loader hands a local shard's FLACs to the decoder unread (MemberRefs); its crops equal, sample for
+    sample and bit for bit, the crops the same seed makes from the members' bytes, and what it reads of each
+    12-s member (header, seeks, a 1-s crop) is under a quarter of it. Eval's reader does the same."""
+    from pipeline.data import loader
+    from pipeline.data.members import MemberRef
+    from pipeline.eval.datasets import iter_batches, open_eval_set
+
+    shard = tmp_path / "long.tar"
+    with wds.TarWriter(str(shard)) as w:
+        for i in range(4):
+            w.write({"__key__": f"s{i}", "flac": flac(12.0, seed=i), "txt": b"speech"})
+    with tarfile.open(shard) as tar:
+        member_sizes = {m.offset_data: m.size for m in tar if m.name.endswith(".flac")}
+    cfg = DataConfig(train=str(shard), val=str(shard), batch_size=2, workers=0, resampled=False, shuffle_buffer=4)
+
+    def crops() -> tuple[list[str], torch.Tensor]:
+        clip = AudioClip(16000, 1.0, train=split == "train")
+        batches = list(build_loader(cfg, split=split, modalities=["audio"], preprocess={"audio": clip}))
+        return [k for b in batches for k in b["key"]], torch.cat([b["audio"] for b in batches])
+
+    views, open_view = [], MemberRef.open
+    monkeypatch.setattr(MemberRef, "open", lambda ref: views.append(open_view(ref)) or views[-1])
+    keys, lazily = crops()
+    read = {offset: sum(v.bytes_read for v in views if v.start == offset) for offset in member_sizes}
+    assert all(0 < read[offset] < size / 4 for offset, size in member_sizes.items()), (read, member_sizes)
+    if split == "val":
+        views.clear()
+        evaluated = next(iter_batches(open_eval_set(str(shard), "zeroshot_retrieval"), ["audio"],
+                                      {"audio": AudioClip(16000, 1.0, train=False)}, 4))
+        assert views and torch.equal(evaluated["audio"], lazily)
+
+    views.clear()
+    monkeypatch.setattr(loader, "lazy_extensions", lambda sections: frozenset())  # members read as bytes
+    eager_keys, eagerly = crops()
+    assert eager_keys == keys and torch.equal(eagerly, lazily) and not views
 
 
 def test_short_audio_is_repeated_to_the_crop_length():

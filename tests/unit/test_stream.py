@@ -2,6 +2,7 @@
 source weights, each corruption kind counted, masks, hard negatives, refused pickles, bad specs."""
 import io
 import json
+import random
 from collections import Counter
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from helpers.faults import KINDS, damage
 from pipeline.data.config import DataConfig
 from pipeline.data.loader import build_loader
 from pipeline.errors import UserError
@@ -121,6 +123,31 @@ def test_each_corruption_kind_is_counted_and_the_stream_goes_on(tmp_path):
     assert good >= 4 and good + sum(skipped.values()) >= 20  # every sample is either delivered or counted
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_flac_shards_give_the_same_samples_and_skips_whether_flacs_are_read_by_reference_or_not(
+        tmp_path, monkeypatch, kind):
+    """A local shard's FLACs reach the decoder unread (MemberRefs): the fault suite's damage must still be
+    found and counted under the same reasons as when they were read as bytes."""
+    from pipeline.data import loader
+
+    write_shards(tmp_path, "f", 1, 12)
+    good = (tmp_path / "f-000000.tar").read_bytes()
+    cfg = DataConfig(train=str(tmp_path / "f-000000.tar"), val=str(tmp_path / "f-000000.tar"), batch_size=4,
+                     workers=0, resampled=False)
+
+    def outcomes() -> list[tuple[list[str], Counter]]:
+        got = []
+        for seed in range(4):
+            (tmp_path / "f-000000.tar").write_bytes(damage(good, kind, random.Random(seed)))
+            batches, skipped = read_all(cfg, modalities=("audio", "text"))
+            got.append(([k for b in batches for k in b.get("key", [])], skipped))
+        return got
+
+    by_reference = outcomes()
+    monkeypatch.setattr(loader, "lazy_extensions", lambda sections: frozenset())
+    assert by_reference == outcomes()
+
+
 def test_missing_modality_mask_or_drop(tmp_path):
     spec = write_shards(tmp_path, "m", 1, 6, lambda i: {"flac": None} if i % 2 else {})
     cfg = DataConfig(train=spec, val=spec, batch_size=6, workers=0, resampled=False)
@@ -186,3 +213,14 @@ def test_shuffle_buffer_is_bounded_by_count_and_bytes(bufsize, max_bytes):
     assert peak_count <= bufsize and peak_bytes <= max_bytes + 2 * max(sizes)
     if max_bytes < 10**9:
         assert peak_count < bufsize  # the bytes bound, not the count, held this buffer
+
+
+def test_the_shuffle_buffer_counts_a_reference_as_what_it_holds_not_as_the_member():
+    """A member left in its local shard (MemberRef) costs the buffer the reference, bytes cost their length:
+    a buffer of a thousand minute-long FLACs by reference stays far under the default 512-MiB bound."""
+    from pipeline.data.loader import held_bytes
+    from pipeline.data.members import MemberRef
+
+    member = 8 * 2**20
+    assert held_bytes({"__key__": "k", "flac": b"x" * member}) > member
+    assert held_bytes({"__key__": "k", "__url__": "/shards/a.tar", "flac": MemberRef("/shards/a.tar", 512, member)}) < 300
