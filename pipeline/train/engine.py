@@ -12,11 +12,16 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
+from pipeline.train.compile import compile_model
+
+if TYPE_CHECKING:
+    from pipeline.models.clip import MultiModalCLIP
 
 NO_DECAY_KEYS = ("logit_scale", "logit_bias", "missing", "embedding", "cls_token", "class_embedding")
 
@@ -89,10 +94,11 @@ class Engine:
     """The one interface the loop uses: encode, backward, step (or skip), train/eval mode. DeepSpeed is behind
     it (`ds`, for checkpointing), so the loop never knows the ZeRO stage, the device or the precision."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int, loss_groups: Sequence[dict] = (),
+    def __init__(self, model: MultiModalCLIP, cfg: RunConfig, world_size: int, loss_groups: Sequence[dict] = (),
                  load_universal: bool = False):
         import deepspeed
 
+        compile_model(model, cfg.train.compile)
         o = cfg.optim
         groups = param_groups(model, o.weight_decay, loss_groups)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas,

@@ -1,5 +1,6 @@
 """Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher),
-10% corrupt shards, hard negatives, Symile with audio, bf16, exact resume, kill -9 recovery."""
+10% corrupt shards, hard negatives, Symile with audio, bf16, exact resume, kill -9
+recovery, compiled training (train.compile through inductor)."""
 import io
 import os
 import signal
@@ -190,3 +191,24 @@ def test_epoch_mode_trains_across_epochs_and_resumes_exactly(demo_shards, tmp_pa
     b = {m["step"]: m["loss"] for m in metrics(part)}
     for step in range(5, 9):  # step 4 ends mid-epoch 2; the resumed run skips what epoch 2 already gave
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)
+
+
+COMPILED = {"deepspeed.zero_stage": 0, "train.micro_batch": 16}  # GradCache: a no-grad and a grad graph
+
+
+@pytest.fixture(scope="module")
+def eager_losses(demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eager") / "run"
+    run(train_cmd(1, tiny_overrides(demo_shards, out, 3, **COMPILED)))
+    return [m["loss"] for m in metrics(out) if "loss" in m]
+
+
+@pytest.mark.parametrize("mode", ["model", "step"])
+def test_compiled_training_gives_the_eager_losses(demo_shards, tmp_path, eager_losses, mode):
+    """inductor's kernels sum in other orders than eager's: the losses agree to float32 rounding, not bit for bit."""
+    cache = tmp_path / "inductor"  # cold, so what inductor builds for this run lands here
+    proc = run(train_cmd(1, tiny_overrides(demo_shards, tmp_path / "run", 3, **COMPILED, **{"train.compile": mode})),
+               env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert "torch.compile is off" not in proc.stderr and any(cache.rglob("*.py")), proc.stderr[-2000:]
+    losses = [m["loss"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert losses == pytest.approx(eager_losses, rel=1e-4) and len(losses) == 3, (losses, eager_losses)
