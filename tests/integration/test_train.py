@@ -1,7 +1,8 @@
 """Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher),
-10% corrupt shards, hard negatives, Symile with audio, bf16, exact resume, kill -9
+10% corrupt shards, hard negatives, Symile with audio, bf16, ZeRO 0's gradient clip, exact resume, kill -9
 recovery, compiled training (train.compile through inductor)."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -117,6 +118,26 @@ def test_bf16_training_consolidates_fp32_weights(demo_shards, tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
     weights = load_file(out / "checkpoints" / "step_00000012" / "model.safetensors")
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
+
+
+def test_zero0_clips_in_torch_as_deepspeed_would(demo_shards, tmp_path):
+    """Without ZeRO, torch's foreach clip (an optimizer step pre-hook, pipeline.train.engine.clip_in_torch) stands
+    in for DeepSpeed's: the same weights after a step. A max norm of 1e-4 brings the gradients down to Adam's eps,
+    where the clip changes the update: the unclipped run's weights differ."""
+    from safetensors.torch import load_file
+
+    deepspeed_clip = tmp_path / "clip.json"
+    deepspeed_clip.write_text(json.dumps({"gradient_clipping": 1e-4}))
+    arms = {"torch": {"optim.grad_clip": 1e-4}, "none": {"optim.grad_clip": "null"},
+            "deepspeed": {"optim.grad_clip": "null", "deepspeed.config_override": str(deepspeed_clip)}}
+    weights = {}
+    for name, sets in arms.items():
+        run(train_cmd(1, tiny_overrides(demo_shards, tmp_path / name, 1, **{"deepspeed.zero_stage": 0, **sets})))
+        weights[name] = load_file(tmp_path / name / "checkpoints" / "step_00000001" / "model.safetensors")
+    for key, value in weights["torch"].items():
+        torch.testing.assert_close(value, weights["deepspeed"][key], rtol=1e-5, atol=1e-8, msg=key)
+    moved = {k: (weights["none"][k] - v).abs().max().item() for k, v in weights["torch"].items()}
+    assert max(moved.values()) > 1e-3, moved
 
 
 def test_resume_gives_the_identical_next_loss(demo_shards, tmp_path):
