@@ -36,8 +36,19 @@ def compile_forward(module: nn.Module, backend="inductor") -> None:
     module.forward = forward
 
 
+RECOMPILE_LIMIT = 64
+
+
 def compile_model(model: MultiModalCLIP, mode: str, backend="inductor") -> None:
-    """Apply `train.compile` to the model; `backend` is torch.compile's (a counting wrapper in tests)."""
+    """Apply `train.compile` to the model; `backend` is torch.compile's (aot_eager in the unit tests).
+
+    Dynamo keeps at most `recompile_limit` (8) compiled variants of one function's code and runs the rest
+    eagerly, and every tower shares Tower.forward's: towers x grad modes x shapes (GradCache's last partial
+    chunk, hard negatives) pass 8 with two towers already, so the limit is raised for this process."""
+    if mode != "none":
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if mode == "model":
         for tower in model.towers.values():
             compile_forward(tower, backend)
