@@ -11,7 +11,8 @@ Compiled forwards run in training mode only. Evaluation encodes batches of other
 batch, a task's number of class prompts), each of which would be a compile that does not pay. Each function
 compiles once per input shape, dtype and grad mode (pipeline.compiled), so GradCache with micro-batches builds
 a no-grad and a grad graph. Weights, state-dict keys and checkpoints are those of the eager model: the module
-keeps its parameters, only its `forward` is replaced.
+keeps its parameters, only its `forward` is replaced. ZeRO-3 is refused (pipeline.config): it gathers the
+weights in hooks inside the forward, and dynamo cannot trace its partitioned parameters.
 """
 from __future__ import annotations
 
