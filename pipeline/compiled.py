@@ -2,7 +2,7 @@
 
 Inductor needs a C++ compiler on a CPU node and triton beside CUDA; a node without them must still train.
 The first failure turns every `Compiled` function of the process eager (the fused loss tiles and the compiled
-towers alike), so a run warns once, not at every function or step. Shapes are static (`dynamic=False`): a
+forwards alike), so a run warns once, not at every function or step. Shapes are static (`dynamic=False`): a
 function compiles once per input shape and dtype, which a training run keeps fixed.
 """
 from __future__ import annotations
@@ -30,6 +30,6 @@ class Compiled:
             except Exception as err:  # inductor fails in many ways where it cannot build; eager always works
                 Compiled.broken = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
                 print(f"mmclip: warning: torch.compile is off, it failed here ({Compiled.broken}); the fused loss "
-                      "tiles and compiled towers run eagerly, with the same results, more slowly",
+                      "tiles and compiled forwards (train.compile) run eagerly, with the same results, more slowly",
                       file=sys.stderr, flush=True)
         return self.fn(*args, **kwargs)

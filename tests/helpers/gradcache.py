@@ -19,7 +19,7 @@ TINY = {
 
 def tiny_model(compile="none", **model_options):
     """`compile` is train.compile, built by the aot_eager backend: dynamo's graphs and AOTAutograd's backward,
-    without inductor's C++ builds (minutes on 2 cores; tests/integration/test_compile.py trains through them)."""
+    without inductor's C++ builds (~35 s on 2 cores; tests/integration/test_train.py trains through them)."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(embed_dim=16, towers=TINY, **model_options)).train()
     compile_model(model, compile, backend="aot_eager")
