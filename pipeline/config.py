@@ -50,6 +50,10 @@ class RunConfig(Section):
             self.model.plugins = list(self.plugins)
         if "logit_bias" in LOSSES.get(self.loss.kind, "loss.kind").obj.requires and self.model.init_logit_bias is None:
             raise ValueError(f"loss.kind {self.loss.kind!r} needs model.init_logit_bias (SigLIP uses -10)")
+        if self.train.compile != "none" and self.deepspeed.zero_stage == 3:
+            # its trace fails on the partitioned weights, and that failure would turn the fused loss tiles off too
+            raise ValueError(f"train.compile {self.train.compile!r} needs deepspeed.zero_stage <= 2: ZeRO-3 gathers "
+                             "each layer's weights in hooks inside the forward, which torch.compile cannot trace")
         weights = self.data.train_weights
         if weights is not None and len(weights) != len(self.data.train.split("::")):
             raise ValueError(

@@ -60,12 +60,12 @@ class MultiModalCLIP(nn.Module):
         Also returns `logit_scale` (exponentiated) and `logit_bias` as fresh tensors: under ZeRO-3 the
         parameters themselves are only materialised inside forward, so the loss must get them from here.
         """
-        masks = batch.get("mask", {})
+        masks = batch.get("mask", {})  # the trainer leaves out masks of modalities every sample has
         out: dict[str, torch.Tensor] = {}
         for m in self.modalities:
             features = self.encode(m, batch[m])
             mask = masks.get(m)
-            if mask is not None and not bool(mask.all()):
+            if mask is not None:  # no branch on the mask's values: a compiled forward could not trace it
                 missing = F.normalize(self.missing[m], dim=0).to(features.dtype)
                 features = torch.where(mask.to(features.device)[:, None], features, missing.expand_as(features))
             out[m] = features

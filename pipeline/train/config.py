@@ -25,6 +25,10 @@ class TrainConfig(Section):
     micro_batch: Optional[int] = Field(
         default=None, gt=0, description="GradCache chunk per rank; null encodes the local batch at once"
     )
+    compile: Literal["none", "model", "step"] = Field(
+        default="none", description="torch.compile each tower's forward (model) or the whole model forward that "
+        "GradCache's encode and re-encode call (step); once per shape, eager where inductor cannot build "
+        "(pipeline.train.compile)")
     log_every: int = Field(default=10, gt=0)
     log_keys: bool = Field(default=False, description="each rank appends the keys of every batch it trains on to "
                            "keys/rank{R}.jsonl: an audit of what a run saw, e.g. across a resume on other ranks")

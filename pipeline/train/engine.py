@@ -12,11 +12,16 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
+from pipeline.train.compile import compile_model
+
+if TYPE_CHECKING:
+    from pipeline.models.clip import MultiModalCLIP
 
 NO_DECAY_KEYS = ("logit_scale", "logit_bias", "missing", "embedding", "cls_token", "class_embedding")
 
@@ -63,7 +68,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    if cfg.optim.grad_clip:
+    if cfg.optim.grad_clip and cfg.deepspeed.zero_stage:  # ZeRO 0 clips in torch (clip_in_torch)
         ds["gradient_clipping"] = cfg.optim.grad_clip
     if cfg.deepspeed.config_override:
         path = Path(cfg.deepspeed.config_override)
@@ -85,14 +90,29 @@ def _merge(base: dict, extra: dict) -> None:
             base[k] = v
 
 
+def clip_in_torch(optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the global gradient norm right before each optimizer step, with torch's foreach kernels.
+
+    Without ZeRO (fp32), DeepSpeed clips in a Python loop, one norm and one scaling per parameter. The hook runs
+    inside DeepSpeed's step, after the gradients are averaged over ranks, so every rank clips the same norm,
+    which DeepSpeed's clip would all-reduce once more. ZeRO 1-3 keep DeepSpeed's clip (the norm over partitions)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def clip(*_) -> None:  # a step pre-hook that returns something would replace the step's arguments
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    optimizer.register_step_pre_hook(clip)
+
+
 class Engine:
     """The one interface the loop uses: encode, backward, step (or skip), train/eval mode. DeepSpeed is behind
     it (`ds`, for checkpointing), so the loop never knows the ZeRO stage, the device or the precision."""
 
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, world_size: int, loss_groups: Sequence[dict] = (),
+    def __init__(self, model: MultiModalCLIP, cfg: RunConfig, world_size: int, loss_groups: Sequence[dict] = (),
                  load_universal: bool = False):
         import deepspeed
 
+        compile_model(model, cfg.train.compile)
         o = cfg.optim
         groups = param_groups(model, o.weight_decay, loss_groups)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas,
@@ -103,6 +123,8 @@ class Engine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,  # pyright: ignore[reportArgumentType]
             config=deepspeed_config(cfg, world_size, load_universal))
+        if cfg.deepspeed.zero_stage == 0 and o.grad_clip:
+            clip_in_torch(optimizer, o.grad_clip)
         if world_size == 1 and cfg.deepspeed.zero_stage == 0:
             # One rank has nothing to average, but DeepSpeed would still flatten, "reduce" and copy back every
             # gradient at each step. (ZeRO stages >= 1 keep their reduction: it fills their partitions.)

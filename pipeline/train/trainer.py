@@ -43,11 +43,16 @@ def to_device(batch: Batch, device: torch.device | None, dtype: torch.dtype) -> 
 
 
 def model_inputs(batch: Batch, modalities: list[str]) -> Batch:
-    keep = set(modalities) | {f"{m}_neg" for m in modalities} | {"mask"}
+    """What the model reads, with only the masks of modalities some sample lacks: the model then takes the
+    "missing" embedding path only where it changes something (and gives that parameter a gradient only then)."""
+    keep = set(modalities) | {f"{m}_neg" for m in modalities}
     inputs: Batch = {}
     for k, v in batch.items():
         if k in keep:
             inputs[k] = v
+    masks = {m: mask for m, mask in batch.get("mask", {}).items() if not bool(mask.all())}
+    if masks:
+        inputs["mask"] = masks
     return inputs
 
 

@@ -5,6 +5,7 @@ from open_clip.loss import ClipLoss
 
 from pipeline.models import build_model
 from pipeline.models.config import ModelConfig
+from pipeline.train.compile import compile_model
 from pipeline.train.gradcache import grad_cache_step, split_batch
 
 TINY = {
@@ -16,9 +17,13 @@ TINY = {
 }
 
 
-def tiny_model(**model_options):
+def tiny_model(compile="none", **model_options):
+    """`compile` is train.compile, built by the aot_eager backend: dynamo's graphs and AOTAutograd's backward,
+    without inductor's C++ builds (~35 s on 2 cores; tests/integration/test_train.py trains through them)."""
     torch.manual_seed(0)
-    return build_model(ModelConfig(embed_dim=16, towers=TINY, **model_options)).train()
+    model = build_model(ModelConfig(embed_dim=16, towers=TINY, **model_options)).train()
+    compile_model(model, compile, backend="aot_eager")
+    return model
 
 
 def gradcache_batch(n=10):
@@ -34,8 +39,8 @@ def grads_of(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_gradcache_matches_full_batch(batch, micro, loss_fn, **model_options):
-    reference = tiny_model(**model_options)
+def assert_gradcache_matches_full_batch(batch, micro, loss_fn, compile="none", **model_options):
+    reference = tiny_model(compile, **model_options)
     torch.manual_seed(42)
     # One graph over the whole batch; chunked forward so dropout draws the same random numbers.
     outs = [reference(c) for c in split_batch(batch, micro)]
@@ -44,7 +49,7 @@ def assert_gradcache_matches_full_batch(batch, micro, loss_fn, **model_options):
     ref_loss = loss_fn({**feats, **scalars})
     ref_loss.backward()
 
-    cached = tiny_model(**model_options)
+    cached = tiny_model(compile, **model_options)
     torch.manual_seed(42)
     loss = grad_cache_step(cached, loss_fn, lambda s: s.backward(), batch, micro)
 

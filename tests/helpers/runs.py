@@ -43,8 +43,8 @@ def train_cmd(nproc: int, overrides: list[str], resume: bool = False, launcher: 
     return prefix + ["train", str(ROOT / config), *overrides] + (["--resume", "latest"] if resume else [])
 
 
-def run(cmd, timeout=600):
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(cmd, timeout=600, env=None):
+    proc = subprocess.run(cmd, cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

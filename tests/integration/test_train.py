@@ -1,6 +1,8 @@
 """Training end to end: DeepSpeed over 2 gloo processes (ZeRO 1/2/3, offload, torchrun and the deepspeed launcher),
-10% corrupt shards, hard negatives, Symile with audio, bf16, exact resume, kill -9 recovery."""
+10% corrupt shards, hard negatives, Symile with audio, bf16, ZeRO 0's gradient clip, exact resume, kill -9
+recovery, compiled training (train.compile through inductor)."""
 import io
+import json
 import os
 import signal
 import subprocess
@@ -118,6 +120,26 @@ def test_bf16_training_consolidates_fp32_weights(demo_shards, tmp_path):
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
 
 
+def test_zero0_clips_in_torch_as_deepspeed_would(demo_shards, tmp_path):
+    """Without ZeRO, torch's foreach clip (an optimizer step pre-hook, pipeline.train.engine.clip_in_torch) stands
+    in for DeepSpeed's: the same weights after a step. A max norm of 1e-4 brings the gradients down to Adam's eps,
+    where the clip changes the update: the unclipped run's weights differ."""
+    from safetensors.torch import load_file
+
+    deepspeed_clip = tmp_path / "clip.json"
+    deepspeed_clip.write_text(json.dumps({"gradient_clipping": 1e-4}))
+    arms = {"torch": {"optim.grad_clip": 1e-4}, "none": {"optim.grad_clip": "null"},
+            "deepspeed": {"optim.grad_clip": "null", "deepspeed.config_override": str(deepspeed_clip)}}
+    weights = {}
+    for name, sets in arms.items():
+        run(train_cmd(1, tiny_overrides(demo_shards, tmp_path / name, 1, **{"deepspeed.zero_stage": 0, **sets})))
+        weights[name] = load_file(tmp_path / name / "checkpoints" / "step_00000001" / "model.safetensors")
+    for key, value in weights["torch"].items():
+        torch.testing.assert_close(value, weights["deepspeed"][key], rtol=1e-5, atol=1e-8, msg=key)
+    moved = {k: (weights["none"][k] - v).abs().max().item() for k, v in weights["torch"].items()}
+    assert max(moved.values()) > 1e-3, moved
+
+
 def test_resume_gives_the_identical_next_loss(demo_shards, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     constant = {"optim.schedule": "constant"}  # so a 3-step run is the first half of the 6-step one
@@ -190,3 +212,24 @@ def test_epoch_mode_trains_across_epochs_and_resumes_exactly(demo_shards, tmp_pa
     b = {m["step"]: m["loss"] for m in metrics(part)}
     for step in range(5, 9):  # step 4 ends mid-epoch 2; the resumed run skips what epoch 2 already gave
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), (step, a, b)
+
+
+COMPILED = {"deepspeed.zero_stage": 0, "train.micro_batch": 16}  # GradCache: a no-grad and a grad graph
+
+
+@pytest.fixture(scope="module")
+def eager_losses(demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eager") / "run"
+    run(train_cmd(1, tiny_overrides(demo_shards, out, 3, **COMPILED)))
+    return [m["loss"] for m in metrics(out) if "loss" in m]
+
+
+@pytest.mark.parametrize("mode", ["model", "step"])
+def test_compiled_training_gives_the_eager_losses(demo_shards, tmp_path, eager_losses, mode):
+    """inductor's kernels sum in other orders than eager's: the losses agree to float32 rounding, not bit for bit."""
+    cache = tmp_path / "inductor"  # cold, so what inductor builds for this run lands here
+    proc = run(train_cmd(1, tiny_overrides(demo_shards, tmp_path / "run", 3, **COMPILED, **{"train.compile": mode})),
+               env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    assert "torch.compile is off" not in proc.stderr and any(cache.rglob("*.py")), proc.stderr[-2000:]
+    losses = [m["loss"] for m in metrics(tmp_path / "run") if "loss" in m]
+    assert losses == pytest.approx(eager_losses, rel=1e-4) and len(losses) == 3, (losses, eager_losses)

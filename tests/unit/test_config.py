@@ -80,6 +80,12 @@ def test_bf16_without_zero_is_refused(tmp_path):
     assert "deepspeed" in msg and "zero_stage >= 1" in msg
 
 
+def test_compile_with_zero3_is_refused(tmp_path):
+    msg = _error(tmp_path, lambda r: None, ["train.compile=step", "deepspeed.zero_stage=3"])
+    assert "train.compile" in msg and "zero_stage <= 2" in msg
+    assert load_config(_write(tmp_path, lambda r: None), ["train.compile=model", "deepspeed.zero_stage=2"])
+
+
 def test_one_tower_is_not_enough(tmp_path):
     msg = _error(tmp_path, lambda r: r["model"]["towers"].pop("text"))
     assert "at least two towers" in msg

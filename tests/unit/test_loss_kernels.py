@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from helpers.loss_refs import CASES, bf16_values, errors
-from pipeline.losses.tiles.kernels import MIN_FUSED, TileKernel, exp_sums, sigmoid_tile, softmax_sum, softplus, softplus_sum
+from pipeline.compiled import Compiled
+from pipeline.losses.tiles.kernels import MIN_FUSED, exp_sums, sigmoid_tile, softmax_sum, softplus, softplus_sum
 
 CHUNK = 256
 assert CHUNK * CHUNK == MIN_FUSED  # the smallest tile that is fused
@@ -39,7 +40,7 @@ def test_each_fused_kernel_computes_what_its_eager_self_does(dtype):
             assert f.dtype == e.dtype and f.shape == e.shape
             rtol = 1e-2 if f.dtype == torch.bfloat16 else 2e-5  # bf16: one rounding step apart at most
             torch.testing.assert_close(f, e, rtol=rtol, atol=1e-30)
-    assert TileKernel.broken is None and counters["stats"]["unique_graphs"] > graphs  # really compiled
+    assert Compiled.broken is None and counters["stats"]["unique_graphs"] > graphs  # really compiled
 
 
 def test_softplus_is_exact_over_the_whole_range():
@@ -72,11 +73,11 @@ def test_losses_with_fused_tiles_match_float64_and_the_eager_path(case, monkeypa
         err = errors(fused, ref)
         assert err["loss"] <= loss_rtol and err["cosine"] >= min_cosine and err["scalars"] <= 1e-2, (dtype, err)
         with monkeypatch.context() as m:
-            m.setattr(TileKernel, "broken", "off in this test")
+            m.setattr(Compiled, "broken", "off in this test")
             eager = evaluate(case, feats, negs, dtype)
         same = errors(fused, [eager[0].double(), [g.double() for g in eager[1]], [g.double() for g in eager[2]]])
         assert same["loss"] <= 1e-6 and same["cosine"] >= 1 - 1e-6 and same["scalars"] <= 1e-5, (dtype, same)
-    assert TileKernel.broken is None
+    assert Compiled.broken is None
 
 
 def test_a_changing_logit_scale_or_batch_compiles_nothing_new():
@@ -88,7 +89,7 @@ def test_a_changing_logit_scale_or_batch_compiles_nothing_new():
 
     step(20.0, 600)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs > 0 and TileKernel.broken is None
+    assert graphs > 0 and Compiled.broken is None
     for scale, rows in ((35.0, 600), (70.0, 560), (100.0, 512)):
         step(scale, rows)
     assert counters["stats"]["unique_graphs"] == graphs

@@ -7,6 +7,7 @@ from pipeline.errors import UserError
 from pipeline.models import build_model, build_tower
 from pipeline.models.config import ModelConfig, TowerConfig
 from pipeline.models.io import load_model, save_model
+from pipeline.train.trainer import model_inputs
 
 D = 16
 TEXT = {"kind": "open_clip_text", "options": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2,
@@ -77,10 +78,12 @@ def test_presence_mask_uses_missing_embedding_and_save_load_round_trip(tmp_path)
                                                           "layers": 1, "head_width": 16}},
         "text": TEXT})
     model = build_model(cfg).eval()
-    batch = {"image": torch.randn(3, 3, 16, 16), "text": torch.randint(1, 100, (3, 8)),
-             "mask": {"image": torch.tensor([True, False, True])}}
+    batch = {"image": torch.randn(3, 3, 16, 16), "text": torch.randint(1, 100, (3, 8)), "key": ["a", "b", "c"],
+             "mask": {"image": torch.tensor([True, False, True]), "text": torch.ones(3, dtype=torch.bool)}}
+    inputs = model_inputs(batch, model.modalities)  # what the trainer hands the model: no all-true mask
+    assert set(inputs) == {"image", "text", "mask"} and set(inputs["mask"]) == {"image"}
     with torch.no_grad():
-        out = model(batch)
+        out = model(inputs)
     missing = torch.nn.functional.normalize(model.missing["image"], dim=0)
     torch.testing.assert_close(out["image"][1], missing)
     assert not torch.allclose(out["image"][0], missing)
@@ -90,7 +93,7 @@ def test_presence_mask_uses_missing_embedding_and_save_load_round_trip(tmp_path)
     loaded, loaded_cfg = load_model(tmp_path)
     assert loaded_cfg == cfg
     with torch.no_grad():
-        again = loaded(batch)
+        again = loaded(batch)  # the all-true text mask too: it changes nothing
     for key in ("image", "text", "logit_scale"):
         torch.testing.assert_close(again[key], out[key])
 

@@ -10,35 +10,30 @@ Shapes are static, so a run compiles each function once per tile size and dtype 
 on a cold cache; inductor's on-disk cache makes later processes start faster). Edge
 tiles, small chunks and fp64 run the same functions eagerly: there a compile would not pay.
 If inductor cannot build here (no C++ compiler on a CPU node, no triton beside CUDA), one
-warning says so and every tile runs eagerly from then on, with the same results.
+warning says so and every tile runs eagerly from then on, with the same results (pipeline.compiled).
 """
 from __future__ import annotations
 
 import functools
-import sys
 
 import torch
+
+from pipeline.compiled import Compiled
 
 MIN_FUSED = 256 * 256
 
 
 class TileKernel:
-    """`fn(dots, ...)`, compiled for full tiles and eager for the rest."""
-
-    broken: str | None = None  # why inductor failed in this process, once it has
+    """`fn(dots, ...)`, compiled for full tiles (pipeline.compiled: eager where inductor cannot build) and eager
+    for the rest."""
 
     def __init__(self, fn):
-        self.fn, self.compiled = fn, torch.compile(fn, dynamic=False)
+        self.fn, self.compiled = fn, Compiled(fn)
         functools.update_wrapper(self, fn)
 
     def __call__(self, dots: torch.Tensor, *args, full: bool):
-        if full and TileKernel.broken is None and dots.numel() >= MIN_FUSED and dots.dtype != torch.float64:
-            try:
-                return self.compiled(dots, *args)
-            except Exception as err:  # inductor fails in many ways where it cannot build; eager always works
-                TileKernel.broken = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
-                print(f"mmclip: warning: fused loss tiles are off, torch.compile failed here ({TileKernel.broken}); "
-                      "the losses run eagerly, with the same results, more slowly", file=sys.stderr, flush=True)
+        if full and dots.numel() >= MIN_FUSED and dots.dtype != torch.float64:
+            return self.compiled(dots, *args)
         return self.fn(dots, *args)
 
 
