@@ -256,6 +256,7 @@ def verdict(study: str, table: dict) -> list[str]:
     def diff(arm: str, base: str, column: str, dataset: str = STUDY.name) -> float:
         return table[(arm, dataset)][column][0] - table[(base, dataset)][column][0]
 
+    table = {key: row for key, row in table.items() if row}  # arms not run (yet) have no verdict
     if study == "parity":
         return [f"- {dataset}, {column}: mmclip − open_clip_train = {diff('mmclip', 'open_clip_train', column, dataset):+.3f}"
                 f" (open_clip_train's std {table[('open_clip_train', dataset)][column][1]:.3f})"
@@ -263,7 +264,8 @@ def verdict(study: str, table: dict) -> list[str]:
     if study == "small_batch":
         low, ours = "InfoNCE, batch 32", "global_clip, batch 32"
         return [f"- {column}: {ours} recovers {diff(ours, low, column) / gap:.0%} of the gap between {low} and {high} "
-                f"({gap:+.3f})" if abs(gap := diff(high, low, column)) > 1e-9 else f"- {column}: no gap to {high}"
+                f"({gap:+.3f})" if (gap := diff(high, low, column)) > 0
+                else f"- {column}: {high} is not above {low} ({gap:+.3f}): no gap to recover"
                 for high in (a for a, _ in table if a.startswith("InfoNCE") and a != low)
                 for column in ("image R@1", "text R@1")]
     if study != "hard_negatives":
