@@ -245,7 +245,8 @@ def markdown(report: dict) -> str:
              f"minutes per seed (all arms): {', '.join(f'{m:.0f}' for m in minutes.values())}.", "",
              "| data | arm | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for (label, dataset), row in table.items():
-        cells = [f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if c in row else "–" for c in columns]
+        cells = [("–" if c not in row else f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if len(row[c][2]) > 1
+                  else f"{row[c][0]:.3f} (1 seed)") for c in columns]
         lines.append(f"| {dataset} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ["", *verdict(report["study"], table)]) + "\n"
 
