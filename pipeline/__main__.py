@@ -1,4 +1,4 @@
 """`python -m pipeline` is the same CLI as `mmclip`."""
-from pipeline.cli import main
+from pipeline.cli import run_and_exit
 
-raise SystemExit(main())
+run_and_exit()

@@ -10,7 +10,7 @@ import signal
 import sys
 
 from pipeline.errors import UserError
-from pipeline.launch.env import REQUEUE_EXIT_CODE
+from pipeline.launch.env import REQUEUE_EXIT_CODE, exit_now
 
 # name, one-line help, description, "module:add_args", "module:run"
 COMMANDS = (
@@ -89,5 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130 if signum == signal.SIGINT else REQUEUE_EXIT_CODE
 
 
+def run_and_exit() -> None:
+    """The `mmclip` and `python -m pipeline` entry point: main(), then pipeline.launch.env.exit_now (no
+    interpreter teardown: ~2 s per process)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit()

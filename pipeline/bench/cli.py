@@ -52,7 +52,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     train.add_argument("--realistic", action="store_true",
                        help="configs/bench_realistic.yaml (ViT-Ti/16 shape, 224 px) on the realistic JPEGs, fp32 and "
                             "bf16, samples/s and peak RSS (uses --batch, default 32, and --steps, default 8)")
-    train.add_argument("--repeats", type=int, default=3, help="runs per trainer (median reported)")
+    train.add_argument("--repeats", type=int, default=None, help="runs per trainer (median reported; default 3, "
+                       "realistic 5)")
+    train.add_argument("--variants", type=lambda s: s.split(","), default=None,
+                       help="realistic: comma-separated subset of mmclip,mmclip_model,mmclip_step,open_clip_train,"
+                            "open_clip_train_compile (default all; _model/_step: train.compile, _compile: "
+                            "open_clip_train --torchcompile)")
+    train.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16"],
+                       help="realistic: fp32,bf16 or one of them")
     quality = sub.add_parser("quality", help="mmclip vs open_clip_train, and what the loss options buy, scored by "
                              "CLIP_benchmark over seeds (pipeline.bench.quality)")
     quality.add_argument("--study", choices=["parity", "small_batch", "hard_negatives"], default="parity")
@@ -117,14 +124,19 @@ def run_bench(args) -> int:
         run_quality_bench(args.study, args.seeds, args.out)
     elif args.realistic:
         from pipeline.bench.realistic_data import build_realistic
-        from pipeline.bench.train import run_realistic_train_bench
+        from pipeline.bench.train_realistic import VARIANTS, run_realistic_train_bench
 
+        for flag, given, known in (("--variants", args.variants or (), VARIANTS), ("--precisions", args.precisions,
+                                                                                  ("fp32", "bf16"))):
+            if set(given) - set(known):
+                raise UserError(f"{flag}: unknown {sorted(set(given) - set(known))}; choose from {','.join(known)}")
         build_realistic(progress=False)
         run_realistic_train_bench(REALISTIC_CONFIG, batch=args.batch or 32, steps=args.steps or 8, out_dir=args.out,
-                                  repeats=args.repeats)
+                                  repeats=args.repeats or 5, variants=tuple(args.variants or VARIANTS),
+                                  precisions=tuple(args.precisions))
     else:
         from pipeline.bench.train import run_train_bench
 
         run_train_bench(args.config, batch=args.batch or 128, steps=args.steps or 30, mem_cap_mib=args.mem_cap_mib,
-                        max_batch=args.max_batch, out_dir=args.out, repeats=args.repeats)
+                        max_batch=args.max_batch, out_dir=args.out, repeats=args.repeats or 3)
     return 0

@@ -157,7 +157,19 @@ def markdown_table(r: dict) -> str:
     for m in dict.fromkeys(x["modalities"] for x in r["rows"]):
         for w in sorted({x["workers"] for x in r["rows"]}):
             lines.append(f"| {m} | {w} | {cell(m, 'mmclip', w)} | {cell(m, 'open_clip', w)} | {ratio(m, w)} |")
+    pairs = {w: (row("audio+text, 60-s files", "mmclip", w), row("audio+text, 10-s files", "mmclip", w))
+             for w in sorted({x["workers"] for x in r["rows"]})}
+    if all(long and short for long, short in pairs.values()):
+        per_workers = (f"{w} worker(s) median {statistics.median(ratios):.2f}x, lowest {min(ratios):.2f}x"
+                       for w, ratios in paired_audio_ratios(pairs).items())
+        lines += ["", "10-s crops from 60-s files ÷ from 10-s files, per round (a round runs every cell once, so "
+                  "a slow spell hits both runs of a pair): " + "; ".join(per_workers)]
     return "\n".join(lines) + "\n"
+
+
+def paired_audio_ratios(pairs: dict) -> dict[int, list[float]]:
+    """{workers: [60-s rate / 10-s rate of each round]}: pairing cancels the slow spells both runs of a round see."""
+    return {w: [a / b for a, b in zip(long["runs"], short["runs"])] for w, (long, short) in pairs.items()}
 
 
 def plot(r: dict, path: Path) -> None:

@@ -21,8 +21,9 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from pipeline.bench.machine import gemm_flops
 
 PROBE = r"""
 import contextlib, json, sys, time, torch
@@ -154,23 +155,6 @@ TILE = 1024  # pipeline.losses.tiles.default_chunk on CPU
 CHECK_MAX_BATCH = 8192  # float64 re-evaluation for the precision columns stays affordable up to here
 
 
-def gemm_flops(dim: int, dtype: str, threads: int, n: int = TILE, repeats: int = 20) -> float:
-    """Measured GEMM FLOP/s of this machine at the loss's tile shape (n×dim @ dim×n) in `dtype`."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    kind = torch.bfloat16 if dtype == "bf16" else torch.float32
-    x, y = torch.randn(n, dim).to(kind), torch.randn(dim, n).to(kind)
-    _ = x @ y  # warm-up
-    best = float("inf")
-    for _ in range(repeats):  # the best of several: the rate the machine reaches, not a slow spell on it
-        t0 = time.perf_counter()
-        _ = x @ y
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * n * dim / best
-
-
 def reference_fits(batch: int, n_mod: int) -> bool:
     """The references hold a few B×B fp32 matrices (logits, softmax, their grads): keep 25% headroom."""
     need = 5 * batch * batch * 4 * (n_mod - 1)
@@ -214,7 +198,7 @@ def run_loss_bench(kind: str, batches: list[int], dim: int, out_dir: str, dtype:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     n_mod = 3 if kind == "symile" else 2
-    rates = {d: gemm_flops(dim, d, threads) for d in sorted({"fp32", dtype})}
+    rates = {d: gemm_flops(dim, d, threads, TILE) for d in sorted({"fp32", dtype})}
     rows = []
     for batch in batches:
         runs = {key: [] for key, _, _ in cells(dtype)}

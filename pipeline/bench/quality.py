@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.bench.judge import EvalSet, clip_benchmark_scores, open_clip_train_dir, probe_scores
+from pipeline.bench.machine import cpu_model
 from pipeline.bench.train import ROOT, open_clip_cmd, open_clip_model_config, subprocess_env
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
@@ -108,7 +109,7 @@ def run_quality_bench(study: str, seeds: list[int], out_dir: str) -> dict:
                              "curve": curve, "seconds": round(time.monotonic() - start)})
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
             report = {"study": study, "seeds": seeds[:seeds.index(seed) + 1], "samples": SAMPLES, "runs": runs,
-                      "machine": _cpu_model(), "arms": [(a.label, a.dataset.name) for a in arms]}
+                      "machine": cpu_model(), "arms": [(a.label, a.dataset.name) for a in arms]}
             table = write_report(report, Path(out_dir))  # after every seed: a study cut short keeps what it measured
     print(table)
     return report
@@ -138,8 +139,15 @@ def train_and_judge(arm: Arm, seed: int, work: Path, parity: bool) -> tuple[dict
         curve = []
     else:
         sets = [f"{k}={v}" for k, v in {"output_dir": work / "run", "train.seed": seed, **overrides}.items()]
-        _run([sys.executable, "-m", "pipeline", "train", arm.dataset.config, *sum((["--set", s] for s in sets), [])],
-             "mmclip train")
+        train = [sys.executable, "-m", "pipeline", "train", arm.dataset.config, *sum((["--set", s] for s in sets), [])]
+        try:
+            _run(train, "mmclip train")
+        except RuntimeError as exc:  # a seed's run is deterministic: a second try trains the same model
+            if "data.timeout_s" not in str(exc):
+                raise
+            print(f"{arm.label}, seed {seed}: a loader worker hung (data.timeout_s); training it again", flush=True)
+            shutil.rmtree(work / "run")
+            _run(train, "mmclip train")
         _run([sys.executable, "-m", "pipeline", "export", str(work / "run"), "--out", str(work / "export")],
              "mmclip export")
         model_dir = work / "export"
@@ -206,13 +214,6 @@ def _run(cmd: list[str], what: str) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{what} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-
-
-def _cpu_model() -> str:
-    """'AMD EPYC (family 25, model 17)': the model name alone does not tell a Zen 4 from a Zen 5."""
-    info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    return f"{info.get('model name', 'unknown CPU')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
 # ------------------------------------------------------------------------------------------------ report

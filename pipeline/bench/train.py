@@ -66,12 +66,13 @@ def open_clip_model_config(cfg: RunConfig) -> dict:
 
 
 def ours_cmd(config: str, out: Path, batch: int, steps: int, micro_batch: int | None, workers: int,
-             precision: str = "fp32") -> list[str]:
+             precision: str = "fp32", extra: dict | None = None) -> list[str]:
+    """`mmclip train` on `config` for a speed run; `extra` adds --set overrides (e.g. train.compile)."""
     # DeepSpeed's bf16 needs ZeRO >= 1 (pipeline.config); on one rank stage 1 partitions nothing.
     sets = {"output_dir": out, "data.batch_size": batch, "optim.total_steps": steps, "optim.warmup_steps": 0,
             "train.log_every": 1, "train.checkpoint_every": 10**6, "eval.tasks": "[]", "data.workers": workers,
             "train.micro_batch": micro_batch if micro_batch else "null", "deepspeed.precision": precision,
-            "deepspeed.zero_stage": 1 if precision == "bf16" else 0}
+            "deepspeed.zero_stage": 1 if precision == "bf16" else 0, **(extra or {})}
     args = [sys.executable, "-m", "pipeline", "train", config]
     for k, v in sets.items():
         args += ["--set", f"{k}={v}"]
@@ -79,9 +80,11 @@ def ours_cmd(config: str, out: Path, batch: int, steps: int, micro_batch: int | 
 
 
 def open_clip_cmd(cfg: RunConfig, model_json: Path, logs: Path, batch: int, steps: int, workers: int,
-                  precision: str = "fp32", *, seed: int = 0, warmup: int = 0, save: bool = False) -> list[str]:
+                  precision: str = "fp32", *, seed: int = 0, warmup: int = 0, save: bool = False,
+                  torchcompile: bool = False) -> list[str]:
     """open_clip_train on our model and shards with the run's optimiser settings and normalisation;
-    `precision` bf16 is its `amp_bf16` (autocast); `save` keeps its final checkpoint (epoch_1.pt)."""
+    `precision` bf16 is its `amp_bf16` (autocast); `save` keeps its final checkpoint (epoch_1.pt);
+    `torchcompile` is its --torchcompile (torch.compile of the whole model)."""
     o, image = cfg.optim, cfg.model.towers["image"].options
     args = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(model_json),
             "--model", model_json.stem, "--train-data", cfg.data.train.split("::")[0],
@@ -95,10 +98,11 @@ def open_clip_cmd(cfg: RunConfig, model_json: Path, logs: Path, batch: int, step
     for flag, key in (("--image-mean", "mean"), ("--image-std", "std")):
         if key in image:
             args += [flag, *(str(x) for x in image[key])]
-    return args + (["--grad-clip-norm", str(o.grad_clip)] if o.grad_clip else [])
+    return args + (["--grad-clip-norm", str(o.grad_clip)] if o.grad_clip else []) + \
+        (["--torchcompile"] if torchcompile else [])
 
 
-def _ours_rate(out: Path, skip: int) -> float:
+def ours_rate(out: Path, skip: int) -> float:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r][skip:]
     return sum(rates) / len(rates)
@@ -131,14 +135,14 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
         variants = {}
         for suffix, env in (("", None), ("_threads", threads)):
             variants["ours" + suffix] = (lambda d: ours_cmd(config, d, batch, steps, None, workers), env,
-                                         lambda d, log: _ours_rate(d, skip))
+                                         lambda d, log: ours_rate(d, skip))
             variants["open_clip" + suffix] = (lambda d: open_clip_cmd(cfg, model_json, d, batch, steps, workers),
                                               env, lambda d, log: _open_clip_rate(log, skip))
         runs = {name: [] for name in variants}
         for i in range(repeats):  # interleaved, so machine noise hits every variant alike
             for name, (make_cmd, env, rate) in variants.items():
                 run_dir = tmp / f"{name}{i}"
-                runs[name].append(_throughput(make_cmd(run_dir), env, lambda log, d=run_dir, r=rate: r(d, log))[0])
+                runs[name].append(throughput(make_cmd(run_dir), env, lambda log, d=run_dir, r=rate: r(d, log))[0])
         for name, values in runs.items():
             results[f"{name}_samples_per_s"], results[f"{name}_runs"] = statistics.median(values), values
         results["threads_env"] = threads
@@ -151,7 +155,7 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
     return results
 
 
-def _throughput(cmd: list[str], env: dict | None, rate) -> tuple[float, int]:
+def throughput(cmd: list[str], env: dict | None, rate) -> tuple[float, int]:
     """(samples/s, peak RSS in MiB) of one run."""
     rss, log = _run_measured(cmd, ROOT, env)
     if rss < 0:
@@ -200,7 +204,7 @@ def write_report(r: dict, out: Path) -> None:
     print("\n".join(lines))
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,7 +215,7 @@ def _pyplot():
 
 def plot(r: dict, path: Path) -> None:
     """Left: samples/s of every run; right: peak RSS against global batch, with the memory cap."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for x, (key, label) in enumerate(LABELS.items()):
         runs = r[f"{key}_runs"]
@@ -231,84 +235,6 @@ def plot(r: dict, path: Path) -> None:
     memory.legend()
     for ax in (speed, memory):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run_realistic_train_bench(config: str = "configs/bench_realistic.yaml", batch: int = 32, steps: int = 8,
-                              workers: int = 1, out_dir: str = "docs/bench", repeats: int = 3) -> dict:
-    """mmclip vs open_clip_train on the realistic JPEGs (pipeline.bench.realistic_data), fp32 and bf16 (open_clip's
-    amp_bf16): samples/s (steady state) and peak RSS, each the median of `repeats` interleaved runs."""
-    cfg = load_config(config)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    skip = max(2, steps // 4)
-    results: dict = {"config": config, "batch": batch, "steps": steps, "skip": skip, "workers": workers,
-                     "cpus": os.cpu_count(), "rows": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model_json = tmp / "mmclip_bench_model.json"
-        model_json.write_text(json.dumps(open_clip_model_config(cfg)))
-        variants = {}
-        for precision in ("fp32", "bf16"):
-            variants[("mmclip", precision)] = (
-                lambda d, p=precision: ours_cmd(config, d, batch, steps, None, workers, p),
-                lambda d, log: _ours_rate(d, skip))
-            variants[("open_clip_train", precision)] = (
-                lambda d, p=precision: open_clip_cmd(cfg, model_json, d, batch, steps, workers, p),
-                lambda d, log: _open_clip_rate(log, skip))
-        runs = {key: [] for key in variants}
-        for i in range(repeats):  # interleaved, so machine noise hits every variant alike
-            for (trainer, precision), (make_cmd, rate) in variants.items():
-                run_dir = tmp / f"{trainer}-{precision}-{i}"
-                runs[(trainer, precision)].append(_throughput(make_cmd(run_dir), None,
-                                                              lambda log, d=run_dir, r=rate: r(d, log)))
-                speed, rss = runs[(trainer, precision)][-1]
-                print(f"run {i}: {trainer} {precision} {speed:.2f} samples/s, peak RSS {rss} MiB", flush=True)
-        for (trainer, precision), values in runs.items():
-            results["rows"].append({"trainer": trainer, "precision": precision,
-                                    "samples_per_s": statistics.median(v for v, _ in values),
-                                    "peak_rss_mib": statistics.median(m for _, m in values),
-                                    "runs": [round(v, 2) for v, _ in values], "rss_runs": [m for _, m in values]})
-    write_realistic_report(results, out)
-    return results
-
-
-def write_realistic_report(r: dict, out: Path) -> None:
-    (out / "train_realistic.json").write_text(json.dumps(r, indent=2))
-    row = {(x["trainer"], x["precision"]): x for x in r["rows"]}
-    lines = [f"ViT-Ti/16-shaped image tower + 6-layer text transformer (`{r['config']}`) on the realistic JPEGs "
-             f"(224-px crops), {r['cpus']} CPU cores, global batch {r['batch']}, {r['steps']} steps (first "
-             f"{r['skip']} dropped), {r['workers']} data worker(s); median of {len(r['rows'][0]['runs'])} "
-             f"interleaved runs (all runs in brackets).", "",
-             "| precision | mmclip samples/s | open_clip_train samples/s | mmclip ÷ open_clip | "
-             "mmclip peak RSS (MiB) | open_clip_train peak RSS (MiB) |", "|---|---|---|---|---|---|"]
-    for p in ("fp32", "bf16"):
-        ours, theirs = row[("mmclip", p)], row[("open_clip_train", p)]
-        lines.append(f"| {p} | {ours['samples_per_s']:.1f} {ours['runs']} | {theirs['samples_per_s']:.1f} "
-                     f"{theirs['runs']} | {ours['samples_per_s'] / theirs['samples_per_s']:.2f}x | "
-                     f"{ours['peak_rss_mib']:.0f} | {theirs['peak_rss_mib']:.0f} |")
-    lines += ["", "bf16: mmclip is DeepSpeed bf16 (ZeRO-1, fp32 master weights); open_clip_train is "
-              "`--precision amp_bf16` (autocast, fp32 weights)."]
-    (out / "train_realistic.md").write_text("\n".join(lines) + "\n")
-    plot_realistic(r, out / "train_realistic.png")
-    print("\n".join(lines))
-
-
-def plot_realistic(r: dict, path: Path) -> None:
-    plt = _pyplot()
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for x, row in enumerate(r["rows"]):
-        colour = "C0" if row["trainer"] == "mmclip" else "C1"
-        speed.bar(x, row["samples_per_s"], color=colour)
-        speed.plot([x] * len(row["runs"]), row["runs"], "k.", ms=6)
-        memory.bar(x, row["peak_rss_mib"], color=colour)
-    labels = [f"{row['trainer']}\n{row['precision']}" for row in r["rows"]]
-    for ax, ylabel in ((speed, f"training samples/s (batch {r['batch']})"), (memory, "peak RSS (MiB)")):
-        ax.set_xticks(range(len(labels)), labels, fontsize=8)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -32,6 +32,8 @@ class DataConfig(Section):
     shuffle_buffer_mib: float = Field(512, gt=0, description="bound on the bytes that buffer holds per worker "
                                       "(1000 60-s 48 kHz FLACs from a remote shard would be 8 GB; a local "
                                       "shard's audio is held by reference)")
+    timeout_s: float = Field(600, gt=0, description="with data.workers > 0: fail the run when the workers give no "
+                             "batch for this long (a worker hung), instead of waiting for ever")
     missing_modality: Literal["mask", "drop"] = "mask"
     hard_negatives: Optional[HardNegatives] = None
     max_empty_shards: int = Field(16, ge=1, description="stop the run after this many shard reads in a row "

@@ -364,4 +364,5 @@ def build_loader(cfg: DataConfig, *, split: Literal["train", "val"], modalities:
         torch.multiprocessing.set_sharing_strategy("file_system")
     return DataLoader(stream, batch_size=None, num_workers=cfg.workers, generator=generator,
                       persistent_workers=False, prefetch_factor=2 if cfg.workers else None,
+                      timeout=cfg.timeout_s if cfg.workers else 0,
                       worker_init_fn=_leave_signals_to_main if cfg.workers else None)

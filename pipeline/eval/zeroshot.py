@@ -5,7 +5,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score
 
 SIMPLE_TEMPLATES = ["a photo of a {c}.", "a blurry photo of a {c}.", "a black and white photo of a {c}.",
                     "a low contrast photo of a {c}.", "a high contrast photo of a {c}.", "a bad photo of a {c}.",
@@ -30,6 +29,8 @@ def class_embeddings(encode_text: Callable, tokenize: Callable, classnames: list
 
 
 def classification_metrics(features: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> dict:
+    from sklearn.metrics import balanced_accuracy_score  # CLIP_benchmark's metric; a second to import, so here
+
     logits = 100.0 * features @ classifier.T
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]

@@ -107,10 +107,10 @@ class BatchStream:
     def __next__(self) -> Batch:
         if self.per_epoch is not None and self.taken >= self.per_epoch:
             self._next_epoch()
-        batch = next(self.it, None)
+        batch = self._take()
         if batch is None:  # this rank ran short (skipped samples): start the next epoch early
             self._next_epoch()
-            batch = next(self.it, None)
+            batch = self._take()
             if batch is None:
                 reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.tally.epoch.items())) or "none"
                 raise UserError(f"data.train gave no batch of {self.local_batch} samples on this rank in epochs "
@@ -125,6 +125,16 @@ class BatchStream:
             self.indexed = self.indexed and bool(indices) and min(indices) >= 0
             self.mine = self.mine.union(Seen.of(indices)) if self.indexed else self.mine
         return batch
+
+    def _take(self) -> Batch | None:
+        try:
+            return next(self.it, None)
+        except RuntimeError as exc:  # torch's DataLoader(timeout=...) says "DataLoader timed out after N seconds"
+            if "DataLoader timed out" not in str(exc):
+                raise
+            raise UserError(f"the data loader's workers gave no batch in data.timeout_s={self.cfg.timeout_s:g} s "
+                            f"(a worker hung or a shard read stalled); resume with --resume latest, or raise "
+                            f"data.timeout_s if reading data.train is that slow") from None
 
     def _next_epoch(self) -> None:
         self.epoch, self.taken = self.epoch + 1, 0

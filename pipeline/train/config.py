@@ -30,6 +30,9 @@ class TrainConfig(Section):
         "GradCache's encode and re-encode call (step); once per shape, eager where inductor cannot build "
         "(pipeline.train.compile)")
     log_every: int = Field(default=10, gt=0)
+    phase_times: bool = Field(default=False, description="log each step's time split (data, forward, loss, backward, "
+                              "optimizer, other) as time/<phase>_ms; on CUDA this synchronises at every phase "
+                              "boundary (pipeline.train.phases)")
     log_keys: bool = Field(default=False, description="each rank appends the keys of every batch it trains on to "
                            "keys/rank{R}.jsonl: an audit of what a run saw, e.g. across a resume on other ranks")
     checkpoint_every: int = Field(default=100, gt=0)

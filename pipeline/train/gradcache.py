@@ -10,6 +10,7 @@ accumulation, so the per-chunk backwards add up and `engine.step()` is the one b
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Sequence, cast
 
 import torch
@@ -67,6 +68,7 @@ def grad_cache_step(
     grad_scale: float = 1.0,
     check_loss: Callable[[torch.Tensor], bool] = lambda loss: True,
     extra_params: Sequence[torch.nn.Parameter] = (),
+    timed: Callable[[str], AbstractContextManager] = lambda phase: nullcontext(),
 ) -> torch.Tensor:
     """One GradCache forward/backward; returns the detached loss.
 
@@ -74,18 +76,24 @@ def grad_cache_step(
     the cached features. `grad_scale` multiplies the surrogate (DeepSpeed averages gradients over
     ranks, the distributed loss gives each rank its share of the sum). If `check_loss(loss)` is False
     (e.g. NaN on some rank) nothing is backpropagated. `extra_params` are the loss's own parameters
-    (outside the model and the engine): their `.grad` is set directly, unscaled.
+    (outside the model and the engine): their `.grad` is set directly, unscaled. `timed(phase)` spans the
+    forward, loss and backward work (pipeline.train.phases).
     """
     chunks = split_batch(batch, micro_batch)
     if len(chunks) == 1:  # nothing to cache: one forward with grad is the same computation
-        loss = loss_fn(encode(batch))
-        if check_loss(loss):
-            if extra_params:
+        with timed("forward"):
+            features = encode(batch)
+        with timed("loss"):
+            loss = loss_fn(features)
+            finite = check_loss(loss)
+            if finite and extra_params:
                 _set_grads(extra_params, torch.autograd.grad(loss, list(extra_params), retain_graph=True))
-            backward(loss * grad_scale)
+        if finite:
+            with timed("backward"):
+                backward(loss * grad_scale)
         return loss.detach()
     states, cached = [], []
-    with torch.no_grad():
+    with torch.no_grad(), timed("forward"):
         for chunk in chunks:
             states.append(RngState())
             cached.append(encode(chunk))
@@ -93,17 +101,19 @@ def grad_cache_step(
     joined = {k: torch.cat([c[k] for c in cached]) if k not in SCALARS else cached[0][k]
               for k in cached[0]}
     leaves: dict[str, torch.Tensor] = {k: v.detach().requires_grad_(True) for k, v in joined.items()}
-    loss = loss_fn(cast(Features, leaves))  # the cached features as leaves (Features is a plain dict at run time)
-    if not check_loss(loss):
-        return loss.detach()
-    *feature_grads, = torch.autograd.grad(loss, [*leaves.values(), *extra_params], allow_unused=True)
+    with timed("loss"):
+        loss = loss_fn(cast(Features, leaves))  # the cached features as leaves (Features is a plain dict at run time)
+        if not check_loss(loss):
+            return loss.detach()
+        *feature_grads, = torch.autograd.grad(loss, [*leaves.values(), *extra_params], allow_unused=True)
     grads = dict(zip(leaves, feature_grads[:len(leaves)]))
     _set_grads(extra_params, feature_grads[len(leaves):])
 
     offset = 0
     for i, (chunk, state) in enumerate(zip(chunks, states)):
         state.restore()
-        out = encode(chunk)
+        with timed("forward"):
+            out = encode(chunk)
         n = next(out[k].shape[0] for k in out if k not in SCALARS)
         surrogate = sum((out[k] * grads[k][offset:offset + n]).sum()
                         for k in out if k not in SCALARS and grads.get(k) is not None)
@@ -111,7 +121,8 @@ def grad_cache_step(
             surrogate = surrogate + sum((out[k] * grads[k]).sum() for k in SCALARS
                                         if k in out and grads.get(k) is not None)
         # a tensor: sum() of tensor terms (typeshed's sum() types it as int, its start value 0)
-        backward(cast(torch.Tensor, surrogate) * grad_scale)
+        with timed("backward"):
+            backward(cast(torch.Tensor, surrogate) * grad_scale)
         offset += n
     end_state.restore()
     return loss.detach()

@@ -5,6 +5,7 @@ set up ranks -> lock output_dir -> plan the resume (convert the checkpoint if th
 """
 from __future__ import annotations
 
+import gc
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from pipeline.config import RunConfig, load_config, save_config
 from pipeline.errors import UserError
-from pipeline.launch.env import discover_env, export_torch_env
+from pipeline.launch.env import discover_env, exit_now, export_torch_env
 
 
 def add_train_args(p) -> None:
@@ -39,7 +40,7 @@ def run_train(args) -> int:
         watch.stop()  # from here on, peers leaving is the normal end
         barrier()
         if code:  # stopped by a signal, checkpoint written: leave now, not after waiting on data readers
-            stop_now(code)  # (closing a `pipe:` shard waits for its command, e.g. a stalled download)
+            exit_now(code)  # (closing a `pipe:` shard waits for its command, e.g. a stalled download)
         return code
     except BaseException as exc:
         watch.post(str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
@@ -47,34 +48,6 @@ def run_train(args) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _descendants(pid: int) -> list[int]:
-    """This process's children, grandchildren, ... from /proc (Linux; elsewhere none are listed)."""
-    found = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        for child in map(int, children.read_text().split()):
-            found += [child, *_descendants(child)]
-    return found
-
-
-def stop_now(code: int) -> None:
-    """Exit at once, ending the processes this one started (loader workers, `pipe:` shard commands)."""
-    import contextlib
-    import os
-    import signal
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    for pid in _descendants(os.getpid()):
-        with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
-            # SIGKILL: loader workers ignore SIGTERM (the main process decides when to stop), and one left
-            # running can print a traceback from its fd-sharing thread once this process is gone
-            os.kill(pid, signal.SIGKILL)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os._exit(code)
 
 
 def init_distributed(timeout_s: int):
@@ -179,6 +152,9 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
             if plan.changed and rank == 0:
                 print(describe(plan, trainer.step, cfg, run_state["data"]), flush=True)
         log.event("start", trainer.step, node=env.node, master=f"{env.master_addr}:{env.master_port}")
+        # The millions of objects the imports made (torch, inductor, transformers) live for the whole run: moved
+        # out of the collector's reach, full collections during training and the one at exit skip them.
+        gc.freeze()
         code = trainer.fit()
         log.close()
         return code

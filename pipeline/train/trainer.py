@@ -26,6 +26,7 @@ from pipeline.train.batches import BatchStream
 from pipeline.train.checkpoint import save_checkpoint
 from pipeline.train.gradcache import grad_cache_step
 from pipeline.train.metrics import RunLog, plot_loss
+from pipeline.train.phases import PhaseTimes
 from pipeline.train.ranks import any_rank, sum_over_ranks
 from pipeline.train.signals import Interrupted, StopSignals, exit_code
 
@@ -86,15 +87,17 @@ class Trainer:
         self.progress = _progress(self.rank, self.step, cfg.optim.total_steps)
         self.engine.train()
         self.window = (time.time(), 0)
+        self.phases = PhaseTimes(cfg.train.phase_times, self.engine.device)
         evaluated = False
         try:
             while self.step < cfg.optim.total_steps:
-                try:
-                    with self.signals.interruptible():  # waiting for data must not outlast a stop signal
-                        batch = next(self.batches)
-                except Interrupted as exc:
-                    return self.stopped(exc.signum)
-                self.train_step(batch)
+                with self.phases("step"):
+                    try:
+                        with self.signals.interruptible(), self.phases("data"):  # no wait outlasts a stop signal
+                            batch = next(self.batches)
+                    except Interrupted as exc:
+                        return self.stopped(exc.signum)
+                    self.train_step(batch)
                 self.maybe_log()
                 evaluated = self.maybe_eval()
                 stop = self.maybe_checkpoint()
@@ -117,11 +120,12 @@ class Trainer:
         loss = grad_cache_step(engine.encode, lambda features: self.loss_module(features, self.step, index),
                                engine.backward, inputs, micro, grad_scale=float(self.world),
                                check_loss=lambda x: not any_rank(not torch.isfinite(x)),
-                               extra_params=self.loss_module.extra_parameters())
+                               extra_params=self.loss_module.extra_parameters(), timed=self.phases)
         finite = math.isfinite(loss.item())
         self.loss_module.step_end(finite)
         if finite:
-            engine.step()
+            with self.phases("optimizer"):
+                engine.step()
             self.last_loss = loss.item()
         else:
             self.bad_steps += 1
@@ -149,7 +153,8 @@ class Trainer:
         record = {"loss": self.last_loss, "lr": self.engine.lr,
                   "logit_scale": float(module.logit_scale.detach().float().exp()) if module.logit_scale.numel() else None,
                   "samples_per_s": seen / max(time.time() - start, 1e-9), "samples": self.samples,
-                  "bad_steps": self.bad_steps, **{f"skipped/{k}": v for k, v in totals.items()}}
+                  "bad_steps": self.bad_steps, **{f"skipped/{k}": v for k, v in totals.items()},
+                  **self.phases.window(seen // self.cfg.data.batch_size)}
         self.log.metrics(self.step, record)
         self.progress.set_postfix(loss=f"{self.last_loss:.4f}", sps=f"{record['samples_per_s']:.0f}")
         self.window = (time.time(), 0)

@@ -25,9 +25,9 @@ def test_loss_bench_agrees_with_the_reference_and_writes_its_report(kind, tmp_pa
 
 def test_bf16_loss_bench_reports_both_paths_the_amp_reference_and_their_precision(tmp_path):
     assert main(["bench", "loss", "--kind", "clip", "--batch", "64", "--dim", "16", "--dtype", "bf16", "--repeats",
-                 "2", "--out", str(tmp_path)]) == 0
+                 "1", "--out", str(tmp_path)]) == 0
     row, = json.loads((tmp_path / "loss_clip_bf16.json").read_text())["rows"]
-    assert len(row["mmclip"]["runs"]) == len(row["mmclip_fp32"]["runs"]) == len(row["reference"]["runs"]) == 2
+    assert len(row["mmclip"]["runs"]) == len(row["mmclip_fp32"]["runs"]) == len(row["reference"]["runs"]) == 1
     for key in ("mmclip", "reference"):  # both low-precision results against float64 of the same bf16 inputs
         assert row[key]["loss_rel_err"] < 1e-2 and row[key]["grad_cosine"] > 0.999
     assert row["mmclip_fp32"]["loss"] == pytest.approx(row["mmclip"]["loss"], rel=1e-2)
@@ -80,4 +80,5 @@ def test_realistic_sets_are_built_once_and_their_bench_reports_both_audio_length
     assert cells == {("image+text", "mmclip"), ("image+text", "open_clip"), ("audio+text, 10-s files", "mmclip"),
                      ("audio+text, 60-s files", "mmclip")}
     assert all(r["samples_per_s"] > 0 for r in report["rows"])
-    assert "| audio+text, 60-s files | 0 |" in (tmp_path / "data_realistic.md").read_text()
+    md = (tmp_path / "data_realistic.md").read_text()
+    assert "| audio+text, 60-s files | 0 |" in md and "0 worker(s) median" in md

@@ -248,6 +248,23 @@ def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
     assert leftover == [], "the shard's command outlived the run"
 
 
+@pytest.mark.slow
+def test_a_hung_loader_worker_ends_the_run_with_one_line_after_data_timeout(demo_shards, tmp_path):
+    """A worker that never hands a batch over (here: a shard command that never writes) must not hang the run."""
+    sets = {"data.train": "pipe:sleep 600", "data.workers": 1, "data.timeout_s": 3}
+    proc = subprocess.Popen(train_cmd(1, tiny_overrides(demo_shards, tmp_path / "hung", 5, **sets)), cwd=ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+        leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    line = one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    assert "gave no batch in data.timeout_s=3 s" in line and "--resume latest" in line, line
+    assert leftover == [], "the shard's command outlived the run"
+
+
 def test_a_dead_runs_lock_is_taken_over(tmp_path):
     from pipeline.errors import UserError
     from pipeline.train.rundir import RunLock
