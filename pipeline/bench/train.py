@@ -19,10 +19,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from pipeline.config import RunConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 OPEN_CLIP_WRAPPER = """
 import sys, open_clip
 open_clip.add_model_config(sys.argv[1])
@@ -155,8 +157,8 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
     return results
 
 
-def throughput(cmd: list[str], env: dict | None, rate) -> tuple[float, int]:
-    """(samples/s, peak RSS in MiB) of one run."""
+def throughput(cmd: list[str], env: dict | None, rate: Callable[[str], T]) -> tuple[T, int]:
+    """(what `rate` reads from the run's output: samples/s, or samples/s and more; peak RSS in MiB) of one run."""
     rss, log = _run_measured(cmd, ROOT, env)
     if rss < 0:
         raise RuntimeError(f"{' '.join(cmd[:6])} failed:\n" + log[-2000:])

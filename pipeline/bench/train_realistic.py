@@ -90,7 +90,7 @@ def training_flops_per_sample(cfg: RunConfig, batch: int = 2) -> float:
                      lambda g, q, k, v, *_, **__: sdpa_backward_flop_count(g, q, k, v)}
     with FlopCounterMode(display=False, custom_mapping=attention) as counter:
         features = model(inputs)
-        sum(features[m].sum() for m in inputs).backward()
+        torch.stack([features[m].sum() for m in inputs]).sum().backward()
     return counter.get_total_flops() / batch
 
 

@@ -152,8 +152,8 @@ def train(cfg: RunConfig, env, resume: str | None = None, restart: bool = False)
             if plan.changed and rank == 0:
                 print(describe(plan, trainer.step, cfg, run_state["data"]), flush=True)
         log.event("start", trainer.step, node=env.node, master=f"{env.master_addr}:{env.master_port}")
-        # The millions of objects the imports made (torch, inductor, transformers) live for the whole run: moved
-        # out of the collector's reach, full collections during training and the one at exit skip them.
+        # The millions of objects the imports made (torch, inductor, transformers) live for the whole run: out of
+        # the collector's reach, a full collection during training does not walk them (the benches ran so).
         gc.freeze()
         code = trainer.fit()
         log.close()

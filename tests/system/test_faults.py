@@ -256,7 +256,11 @@ def test_a_hung_loader_worker_ends_the_run_with_one_line_after_data_timeout(demo
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=300)
-        leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for _ in range(20):  # SIGKILLed descendants are gone a moment after the run's own exit
+            leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            if not leftover:
+                break
+            time.sleep(0.25)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
