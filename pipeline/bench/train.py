@@ -110,11 +110,13 @@ def ours_rate(out: Path, skip: int) -> float:
     return sum(rates) / len(rates)
 
 
-def _open_clip_rate(output: str, skip: int) -> float:
-    rates = [float(x) for x in re.findall(r"Batch \(t\): [\d.]+, ([\d.e+]+)/s,", output)][skip:]
-    if not rates:
+def open_clip_rate_and_split(output: str, skip: int) -> tuple[float, dict[str, float]]:
+    """open_clip_train's samples/s and its split (data wait, the rest of the step) from its per-step log lines."""
+    lines = re.findall(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+), ([\d.e+]+)/s,", output)[skip:]
+    if not lines:
         raise RuntimeError("open_clip_train printed no throughput lines:\n" + output[-2000:])
-    return sum(rates) / len(rates)
+    data, batch, rate = (statistics.mean(float(x[i]) for x in lines) for i in range(3))
+    return rate, {"data": 1000 * data, "compute": 1000 * (batch - data)}
 
 
 def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: int = 30, workers: int = 1,
@@ -139,7 +141,7 @@ def run_train_bench(config: str = "configs/demo.yaml", batch: int = 128, steps: 
             variants["ours" + suffix] = (lambda d: ours_cmd(config, d, batch, steps, None, workers), env,
                                          lambda d, log: ours_rate(d, skip))
             variants["open_clip" + suffix] = (lambda d: open_clip_cmd(cfg, model_json, d, batch, steps, workers),
-                                              env, lambda d, log: _open_clip_rate(log, skip))
+                                              env, lambda d, log: open_clip_rate_and_split(log, skip)[0])
         runs = {name: [] for name in variants}
         for i in range(repeats):  # interleaved, so machine noise hits every variant alike
             for name, (make_cmd, env, rate) in variants.items():

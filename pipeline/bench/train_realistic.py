@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -23,7 +22,16 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.bench.machine import cpu_model, gemm_flops
-from pipeline.bench.train import ROOT, open_clip_cmd, open_clip_model_config, ours_cmd, ours_rate, pyplot, throughput
+from pipeline.bench.train import (
+    ROOT,
+    open_clip_cmd,
+    open_clip_model_config,
+    open_clip_rate_and_split,
+    ours_cmd,
+    ours_rate,
+    pyplot,
+    throughput,
+)
 from pipeline.config import RunConfig, load_config
 from pipeline.train.phases import PHASES
 
@@ -54,15 +62,6 @@ def mmclip_split(out: Path, skip: int) -> dict[str, float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/forward_ms" in r][skip:]
     return {p: statistics.mean(r[f"time/{p}_ms"] for r in rows) for p in SPLIT}
-
-
-def open_clip_rate_and_split(output: str, skip: int) -> tuple[float, dict[str, float]]:
-    """open_clip_train's samples/s and its split (data wait, the rest of the step) from its per-step log lines."""
-    lines = re.findall(r"Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+), ([\d.e+]+)/s,", output)[skip:]
-    if not lines:
-        raise RuntimeError("open_clip_train printed no throughput lines:\n" + output[-2000:])
-    data, batch, rate = (statistics.mean(float(x[i]) for x in lines) for i in range(3))
-    return rate, {"data": 1000 * data, "compute": 1000 * (batch - data)}
 
 
 def training_flops_per_sample(cfg: RunConfig, batch: int = 2) -> float:

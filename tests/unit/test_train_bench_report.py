@@ -3,11 +3,11 @@ import json
 
 import pytest
 
+from pipeline.bench.train import open_clip_rate_and_split
 from pipeline.bench.train_realistic import (
     VARIANTS,
     mfu,
     mmclip_split,
-    open_clip_rate_and_split,
     training_flops_per_sample,
     write_realistic_report,
 )
