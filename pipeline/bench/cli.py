@@ -64,6 +64,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                              "CLIP_benchmark over seeds (pipeline.bench.quality)")
     quality.add_argument("--study", choices=["parity", "small_batch", "hard_negatives"], default="parity")
     quality.add_argument("--seeds", type=_ints, default=[0, 1, 2])
+    quality.add_argument("--fresh", action="store_true", help="train every run again instead of keeping the "
+                         "runs an earlier report of the same study in --out holds")
     for sp in (loss, data, train, quality):
         sp.add_argument("--out", default="docs/bench", help="where tables and plots go")
 
@@ -121,7 +123,7 @@ def run_bench(args) -> int:
         from pipeline.bench.quality import run_quality_bench
 
         require_extra("clip_benchmark", "mmclip bench quality (CLIP_benchmark is its judge)")
-        run_quality_bench(args.study, args.seeds, args.out)
+        run_quality_bench(args.study, args.seeds, args.out, args.fresh)
     elif args.realistic:
         from pipeline.bench.realistic_data import build_realistic
         from pipeline.bench.train_realistic import VARIANTS, run_realistic_train_bench

@@ -93,29 +93,67 @@ STUDIES: dict[str, list[Arm]] = {
 }
 
 
-def run_quality_bench(study: str, seeds: list[int], out_dir: str) -> dict:
+def run_quality_bench(study: str, seeds: list[int], out_dir: str, fresh: bool = False) -> dict:
+    """Train and score every (arm, seed) the study's report in `out_dir` does not hold yet (all of them with
+    `fresh`): a study cut short, or extended by seeds, goes on where it stopped."""
     arms = STUDIES[study]
     for dataset in {a.dataset.name: a.dataset for a in arms}.values():
         _require_data(dataset)
         if study == "parity" and dataset.parity_train:
             english_only_copy(Path(load_config(dataset.config).data.train).parent, Path(dataset.parity_train).parent)
-    runs: list[dict] = []
+    report = {"study": study, "samples": SAMPLES, "machine": cpu_model(),
+              "arms": [(a.label, a.dataset.name) for a in arms], "runs": []}
+    if not fresh:
+        report["runs"] = kept_runs(Path(out_dir) / f"quality_{study}.json", report)
+    commit = git_commit()
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in seeds:  # interleaved: every arm once per seed
-            for i, arm in enumerate(arms):
-                start = time.monotonic()
-                scores, curve = train_and_judge(arm, seed, Path(tmp) / f"{seed}-{i}", parity=study == "parity")
-                runs.append({"arm": arm.label, "dataset": arm.dataset.name, "seed": seed, "scores": scores,
-                             "curve": curve, "seconds": round(time.monotonic() - start)})
-                print(json.dumps({k: v for k, v in runs[-1].items() if k != "curve"}), flush=True)
-            report = {"study": study, "seeds": seeds[:seeds.index(seed) + 1], "samples": SAMPLES, "runs": runs,
-                      "machine": cpu_model(), "arms": [(a.label, a.dataset.name) for a in arms]}
-            table = write_report(report, Path(out_dir))  # after every seed: a study cut short keeps what it measured
-    print(table)
+        for seed, i, arm in pending(arms, seeds, report["runs"]):
+            start = time.monotonic()
+            scores, curve = train_and_judge(arm, seed, Path(tmp) / f"{seed}-{i}", parity=study == "parity")
+            report["runs"].append({"arm": arm.label, "dataset": arm.dataset.name, "seed": seed, "scores": scores,
+                                   "curve": curve, "seconds": round(time.monotonic() - start), "commit": commit})
+            print(json.dumps({k: v for k, v in report["runs"][-1].items() if k != "curve"}), flush=True)
+            write_report(report, Path(out_dir))  # after every run: a study cut short keeps what it measured
+    print(write_report(report, Path(out_dir)))
     return report
 
 
+def pending(arms: list[Arm], seeds: list[int], runs: list[dict]) -> list[tuple[int, int, Arm]]:
+    """(seed, arm index, arm) still to train, seed by seed with the arms interleaved within a seed, so machine
+    drift over a long study hits every arm alike."""
+    done = {(r["arm"], r["dataset"], r["seed"]) for r in runs}
+    return [(seed, i, arm) for seed in seeds for i, arm in enumerate(arms)
+            if (arm.label, arm.dataset.name, seed) not in done]
+
+
+def kept_runs(path: Path, report: dict) -> list[dict]:
+    """The runs of an earlier report of the same study, arms, samples and machine (seeds are deterministic,
+    so training them again gives the same models); nothing if there is none or it differs."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    same = all(old.get(k) == v for k, v in report.items() if k in ("study", "samples", "machine")) and \
+        [tuple(a) for a in old.get("arms", [])] == report["arms"]
+    if not same:
+        print(f"{path} is from other arms, samples or another machine: training every run again", flush=True)
+        return []
+    runs = old["runs"]
+    print(f"{path}: keeping its {len(runs)} runs (--fresh trains them again)", flush=True)
+    return runs
+
+
+def git_commit() -> str:
+    """The commit the runs were trained at (with '+' when the work tree has changes): a report that gathers
+    runs over several sessions says which code gave each."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD")
+    return (head or "unknown") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def write_report(report: dict, out: Path) -> str:
+    report["seeds"] = sorted({r["seed"] for r in report["runs"]})
     out.mkdir(parents=True, exist_ok=True)
     (out / f"quality_{report['study']}.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
@@ -243,7 +281,8 @@ def markdown(report: dict) -> str:
         minutes[r["seed"]] = minutes.get(r["seed"], 0) + r["seconds"] / 60
     lines = [f"`mmclip bench quality --study {report['study']}`, seeds {report['seeds']}, scored by CLIP_benchmark "
              f"(probe: `mmclip eval --task compositional_probe`); mean ± std over seeds. {report['machine']}; "
-             f"minutes per seed (all arms): {', '.join(f'{m:.0f}' for m in minutes.values())}.", "",
+             f"minutes per seed (all arms): {', '.join(f'{m:.0f}' for m in minutes.values())}; trained at "
+             f"commit {', '.join(sorted({r.get('commit', 'unrecorded') for r in report['runs']}))}.", "",
              "| data | arm | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for (label, dataset), row in table.items():
         cells = [("–" if c not in row else f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if len(row[c][2]) > 1

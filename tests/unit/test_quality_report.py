@@ -1,5 +1,6 @@
 """The quality studies' plan and report (pipeline/bench/quality.py): every study-set arm sees the same samples,
 the learning rate follows the batch, and the table is mean ± std over seeds."""
+import json
 import math
 import statistics
 
@@ -53,3 +54,20 @@ def test_verdicts_answer_each_study_s_question_in_numbers():
     hard = table({"InfoNCE": cols, "+ negatives": {**cols, "probe": 0.82, "zero-shot acc1": 0.015}})
     assert quality.verdict("hard_negatives", hard) == [
         "- + negatives (vs InfoNCE, points): zero-shot acc1 -0.5, image R@1 +0.0, text R@1 +0.0, probe +6.0"]
+
+
+def test_a_study_goes_on_where_its_report_stopped(tmp_path, capsys):
+    arms = quality.STUDIES["hard_negatives"]
+    report = {"study": "hard_negatives", "samples": quality.SAMPLES, "machine": "a CPU",
+              "arms": [(a.label, a.dataset.name) for a in arms], "runs": []}
+    report["runs"] = [{"arm": a.label, "dataset": a.dataset.name, "seed": seed, "scores": {}, "curve": [],
+                       "seconds": 60} for seed in (0, 1) for a in arms if (seed, a) != (1, arms[2])]
+    path = tmp_path / "quality_hard_negatives.json"
+    quality.write_report(report, tmp_path)
+    kept = quality.kept_runs(path, report)
+    assert len(kept) == 5 and "keeping its 5 runs" in capsys.readouterr().out
+    todo = quality.pending(arms, [0, 1, 2], kept)  # seed 1's third arm was cut short; seed 2 is new
+    assert [(seed, i) for seed, i, _ in todo] == [(1, 2), (2, 0), (2, 1), (2, 2)]
+    assert quality.kept_runs(path, {**report, "machine": "another CPU"}) == []  # never mix machines
+    assert quality.kept_runs(tmp_path / "none.json", report) == []
+    assert json.loads(path.read_text())["seeds"] == [0, 1]
