@@ -89,6 +89,9 @@ STUDIES: dict[str, list[Arm]] = {
         Arm("+ mined and mixed negatives", STUDY, {**_at_batch(128), "loss": MINED}, batch=128),
         Arm("+ 2 edited-caption negatives, HN-NCE β 0.5", STUDY, {
             **_at_batch(128), "data.hard_negatives": "{modality: text, extension: neg.txt, k: 2}",
+            "loss": "{kind: clip, hard_negative_beta: 0.5}"}, batch=128),
+        Arm("+ 4 edited-caption negatives, HN-NCE β 0.5", STUDY, {  # 3-4 edits apply per scene: all of them
+            **_at_batch(128), "data.hard_negatives": "{modality: text, extension: neg.txt, k: 4}",
             "loss": "{kind: clip, hard_negative_beta: 0.5}"}, batch=128)],
 }
 
@@ -127,18 +130,17 @@ def pending(arms: list[Arm], seeds: list[int], runs: list[dict]) -> list[tuple[i
 
 
 def kept_runs(path: Path, report: dict) -> list[dict]:
-    """The runs of an earlier report of the same study, arms, samples and machine (seeds are deterministic,
-    so training them again gives the same models); nothing if there is none or it differs."""
+    """The runs of the study's arms in an earlier report of the same study, samples and machine (a seed's run
+    is deterministic: training it again gives the same model); nothing if there is none or it differs."""
     if not path.exists():
         return []
     old = json.loads(path.read_text())
-    same = all(old.get(k) == v for k, v in report.items() if k in ("study", "samples", "machine")) and \
-        [tuple(a) for a in old.get("arms", [])] == report["arms"]
-    if not same:
-        print(f"{path} is from other arms, samples or another machine: training every run again", flush=True)
+    if any(old.get(k) != report[k] for k in ("study", "samples", "machine")):
+        print(f"{path} is from other samples or another machine: training every run again", flush=True)
         return []
-    runs = old["runs"]
-    print(f"{path}: keeping its {len(runs)} runs (--fresh trains them again)", flush=True)
+    arms = set(report["arms"])
+    runs = [r for r in old["runs"] if (r["arm"], r["dataset"]) in arms]
+    print(f"{path}: keeping its {len(runs)} runs of this study's arms (--fresh trains them again)", flush=True)
     return runs
 
 
