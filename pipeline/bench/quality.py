@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,10 +282,11 @@ def markdown(report: dict) -> str:
     minutes = {}
     for r in report["runs"]:
         minutes[r["seed"]] = minutes.get(r["seed"], 0) + r["seconds"] / 60
+    commits = Counter(r.get("commit", "not recorded") for r in report["runs"])
     lines = [f"`mmclip bench quality --study {report['study']}`, seeds {report['seeds']}, scored by CLIP_benchmark "
              f"(probe: `mmclip eval --task compositional_probe`); mean ± std over seeds. {report['machine']}; "
-             f"minutes per seed (all arms): {', '.join(f'{m:.0f}' for m in minutes.values())}; trained at "
-             f"commit {', '.join(sorted({r.get('commit', 'unrecorded') for r in report['runs']}))}.", "",
+             f"minutes per seed (all arms): {', '.join(f'{m:.0f}' for m in minutes.values())}; runs per commit: "
+             f"{', '.join(f'{c} {n}' for c, n in commits.items())}.", "",
              "| data | arm | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for (label, dataset), row in table.items():
         cells = [("–" if c not in row else f"{row[c][0]:.3f} ± {row[c][1]:.3f}" if len(row[c][2]) > 1

@@ -36,7 +36,7 @@ def test_summary_and_table_are_mean_and_std_over_seeds():
     assert "image R@1" not in table[("a", "study set")]
     text = quality.markdown(report)
     assert "| study set | a | 0.600 ± 0.100 | 0.900 ± 0.000 |" in text and "| demo | b | 0.200 ± 0.000 |" in text
-    assert "a CPU" in text and "minutes per seed (all arms): 2, 2, 2" in text
+    assert "a CPU" in text and "minutes per seed (all arms): 2, 2, 2; runs per commit: not recorded 6." in text
 
 
 def test_verdicts_answer_each_study_s_question_in_numbers():
