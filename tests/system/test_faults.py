@@ -220,6 +220,16 @@ def test_a_second_run_in_the_same_directory_refuses_and_sigint_stops_the_first_w
 
 
 @pytest.mark.slow
+def session_survivors(session: int) -> list[str]:
+    """Pids still in a finished run's session; killed descendants are gone a moment after the run's own exit."""
+    for _ in range(20):
+        leftover = subprocess.run(["pgrep", "-s", str(session)], capture_output=True, text=True).stdout.split()
+        if not leftover:
+            break
+        time.sleep(0.25)
+    return leftover
+
+
 def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
     out, err = tmp_path / "waiting", tmp_path / "stderr.txt"
     sets = {"data.train": "pipe:sleep 600", "data.workers": 0}  # a shard that never arrives
@@ -234,11 +244,7 @@ def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
         time.sleep(2)  # now blocked reading the shard
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
-        for _ in range(20):
-            leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            if not leftover:
-                break
-            time.sleep(0.25)
+        leftover = session_survivors(proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):  # nothing left is the expected outcome
             os.killpg(proc.pid, signal.SIGKILL)
@@ -256,11 +262,7 @@ def test_a_hung_loader_worker_ends_the_run_with_one_line_after_data_timeout(demo
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=300)
-        for _ in range(20):  # SIGKILLed descendants are gone a moment after the run's own exit
-            leftover = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            if not leftover:
-                break
-            time.sleep(0.25)
+        leftover = session_survivors(proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
