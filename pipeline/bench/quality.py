@@ -46,13 +46,14 @@ class Dataset:
     config: str
     sets: tuple[EvalSet, ...]
     probe: Path | None = None
+    val_probe: Path | None = None  # the tuning studies' compositional score
     parity_train: str | None = None  # the English-only copy both trainers read in the parity study
 
 
 STUDY = Dataset("study set", "configs/study.yaml",
                 (EvalSet("concepts", "zeroshot_classification", STUDY_ROOT / "wds/study_concepts"),
                  EvalSet("retrieval", "zeroshot_retrieval", STUDY_ROOT / "wds/study_retrieval")),
-                STUDY_ROOT / "probe", str(STUDY_ROOT / "parity_en/train-{000000..000011}.tar"))
+                STUDY_ROOT / "probe", STUDY_ROOT / "val_probe", str(STUDY_ROOT / "parity_en/train-{000000..000011}.tar"))
 DEMO = Dataset("demo", "configs/demo.yaml",
                (EvalSet("concepts", "zeroshot_classification", Path("data/shards/demo/wds/fashion_mnist")),
                 EvalSet("retrieval", "zeroshot_retrieval", Path("data/shards/demo/wds/fashion_mnist_retrieval"))))
@@ -76,24 +77,48 @@ def _at_batch(batch: int, micro_batch: int | None = None) -> dict:
 
 PARITY = {"eval.tasks": "[]"}  # the judge scores the test sets; parity needs no curve
 MINED = "{kind: clip, mined_negatives: {top_k: 16, mixed: 8, mix_with_anchor: 4, start_step: 100}}"
+GLOBAL_CLIP = {"gamma": 0.2, "gamma_schedule": "cosine", "gamma_decay_steps": SAMPLES // 32}
+VAL_PROBE = ("[{task: zeroshot_retrieval, dataset: data/shards/study/val/val-000000.tar, name: val}, "
+             f"{{task: compositional_probe, dataset: {STUDY.val_probe}, name: val_probe}}]")
+
+
+def _global_clip_arm(label: str, **changes) -> Arm:
+    """global_clip at batch 32: GLOBAL_CLIP's settings with `changes` (None drops a key)."""
+    options = ", ".join(f"{k}: {v}" for k, v in {**GLOBAL_CLIP, **changes}.items() if v is not None)
+    return Arm(label, STUDY, {**_at_batch(32), "loss": f"{{kind: global_clip, {options}}}"}, batch=32)
+
+
+def _edited_arm(label: str, k: int, beta: float, extra: dict | None = None) -> Arm:
+    """k of the study set's edited captions as explicit negatives per image, weighted by HN-NCE's β."""
+    return Arm(label, STUDY, {**_at_batch(128), "data.hard_negatives": f"{{modality: text, extension: neg.txt, k: {k}}}",
+                              "loss": f"{{kind: clip, hard_negative_beta: {beta}}}", **(extra or {})}, batch=128)
+
+
 STUDIES: dict[str, list[Arm]] = {
     "parity": [Arm("mmclip", STUDY, PARITY), Arm("open_clip_train", STUDY, PARITY, "open_clip_train"),
                Arm("mmclip", DEMO, PARITY), Arm("open_clip_train", DEMO, PARITY, "open_clip_train")],
     "small_batch": [
         Arm("InfoNCE, batch 32", STUDY, _at_batch(32), batch=32),
         Arm("InfoNCE, batch 128", STUDY, _at_batch(128), batch=128),
-        Arm("global_clip, batch 32", STUDY, {**_at_batch(32), "loss": "{kind: global_clip, gamma: 0.2, "
-            f"gamma_schedule: cosine, gamma_decay_steps: {SAMPLES // 32}}}"}, batch=32),
+        _global_clip_arm("global_clip, batch 32"),
         Arm("InfoNCE, batch 512 in GradCache chunks of 32", STUDY, _at_batch(512, 32), batch=512)],
     "hard_negatives": [
         Arm("InfoNCE", STUDY, _at_batch(128), batch=128),
         Arm("+ mined and mixed negatives", STUDY, {**_at_batch(128), "loss": MINED}, batch=128),
-        Arm("+ 2 edited-caption negatives, HN-NCE β 0.5", STUDY, {
-            **_at_batch(128), "data.hard_negatives": "{modality: text, extension: neg.txt, k: 2}",
-            "loss": "{kind: clip, hard_negative_beta: 0.5}"}, batch=128),
-        Arm("+ 4 edited-caption negatives, HN-NCE β 0.5", STUDY, {  # 3-4 edits apply per scene: all of them
-            **_at_batch(128), "data.hard_negatives": "{modality: text, extension: neg.txt, k: 4}",
-            "loss": "{kind: clip, hard_negative_beta: 0.5}"}, batch=128)],
+        _edited_arm("+ 2 edited-caption negatives, HN-NCE β 0.5", 2, 0.5),
+        _edited_arm("+ 4 edited-caption negatives, HN-NCE β 0.5", 4, 0.5)],  # 3-4 edits apply per scene: all
+    # Tuning: the settings above, chosen on the val split only (VAL_COLUMNS); no test set is scored.
+    "tune_global_clip": [
+        Arm("InfoNCE, batch 32", STUDY, _at_batch(32), batch=32),
+        _global_clip_arm("global_clip, batch 32: γ 0.2 cosine, ρ 8"),
+        _global_clip_arm("global_clip, γ 0.6 constant", gamma=0.6, gamma_schedule="constant", gamma_decay_steps=None),
+        _global_clip_arm("global_clip, ρ 4", rho=4), _global_clip_arm("global_clip, ρ 12", rho=12),
+        _global_clip_arm("global_clip, temperature_lr 1e-4", temperature_lr=1e-4),
+        _global_clip_arm("global_clip, temperature_lr 2e-3", temperature_lr=2e-3)],
+    "tune_hard_negatives": [
+        Arm("InfoNCE", STUDY, {**_at_batch(128), "eval.tasks": VAL_PROBE}, batch=128),
+        *(_edited_arm(f"+ 2 edited-caption negatives, HN-NCE β {beta}", 2, beta, {"eval.tasks": VAL_PROBE})
+          for beta in (0.0, 0.5, 1.0, 2.0))],
 }
 
 
@@ -113,7 +138,8 @@ def run_quality_bench(study: str, seeds: list[int], out_dir: str, fresh: bool = 
     with tempfile.TemporaryDirectory() as tmp:
         for seed, i, arm in pending(arms, seeds, report["runs"]):
             start = time.monotonic()
-            scores, curve = train_and_judge(arm, seed, Path(tmp) / f"{seed}-{i}", parity=study == "parity")
+            scores, curve = train_and_judge(arm, seed, Path(tmp) / f"{seed}-{i}", parity=study == "parity",
+                                            judge=not study.startswith("tune_"))
             report["runs"].append({"arm": arm.label, "dataset": arm.dataset.name, "seed": seed, "scores": scores,
                                    "curve": curve, "seconds": round(time.monotonic() - start), "commit": commit})
             print(json.dumps({k: v for k, v in report["runs"][-1].items() if k != "curve"}), flush=True)
@@ -166,8 +192,9 @@ def write_report(report: dict, out: Path) -> str:
     return table
 
 
-def train_and_judge(arm: Arm, seed: int, work: Path, parity: bool) -> tuple[dict, list]:
-    """Train one arm, put its model in an open_clip folder, score it; (scores, val curve)."""
+def train_and_judge(arm: Arm, seed: int, work: Path, parity: bool, judge: bool = True) -> tuple[dict, list]:
+    """Train one arm, put its model in an open_clip folder, score it; (scores, val curve). Without `judge`
+    (tuning), the scores are the run's last validation metrics and no test set is touched."""
     cfg = load_config(arm.dataset.config)
     overrides = {**arm.overrides, **_scaled_lr(cfg, arm)}
     if parity and arm.dataset.parity_train:
@@ -189,11 +216,13 @@ def train_and_judge(arm: Arm, seed: int, work: Path, parity: bool) -> tuple[dict
             print(f"{arm.label}, seed {seed}: a loader worker hung (data.timeout_s); training it again", flush=True)
             shutil.rmtree(work / "run")
             _run(train, "mmclip train")
+        rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+        curve = [(r["step"] * cfg.data.batch_size, r[VAL_METRIC]) for r in rows if VAL_METRIC in r]
+        if not judge:
+            return [r for r in rows if VAL_METRIC in r][-1], curve
         _run([sys.executable, "-m", "pipeline", "export", str(work / "run"), "--out", str(work / "export")],
              "mmclip export")
         model_dir = work / "export"
-        rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-        curve = [(r["step"] * cfg.data.batch_size, r[VAL_METRIC]) for r in rows if VAL_METRIC in r]
     scores = clip_benchmark_scores(model_dir, list(arm.dataset.sets), work)
     if arm.dataset.probe:
         scores.update(probe_scores(model_dir, arm.dataset.probe, work))
@@ -245,7 +274,8 @@ def english_only_copy(source_dir: Path, out: Path) -> None:
 
 
 def _require_data(dataset: Dataset) -> None:
-    missing = [s.root for s in dataset.sets if not (ROOT / s.root).is_dir()]
+    needed = [s.root for s in dataset.sets] + [p for p in (dataset.probe, dataset.val_probe) if p]
+    missing = [p for p in needed if not (ROOT / p).is_dir()]
     if missing:
         make = "mmclip data study --out data/shards/study" if dataset is STUDY else "make demo-data"
         raise UserError(f"the {dataset.name} is not built ({missing[0]} is missing); run: {make}")
@@ -260,6 +290,8 @@ def _run(cmd: list[str], what: str) -> None:
 # ------------------------------------------------------------------------------------------------ report
 COLUMNS = {"zero-shot acc1": "concepts/acc1", "image R@1": "retrieval/image_retrieval_recall@1",
            "text R@1": "retrieval/text_retrieval_recall@1", "probe": "probe/probe_acc"}
+VAL_COLUMNS = {"val image R@1": VAL_METRIC, "val text R@1": "val/text_retrieval_recall@1",
+               "val probe": "val_probe/probe_acc"}  # the tuning studies' scores, at the end of training
 
 
 def summary(report: dict) -> dict[tuple[str, str], dict[str, tuple[float, float, list[float]]]]:
@@ -268,7 +300,7 @@ def summary(report: dict) -> dict[tuple[str, str], dict[str, tuple[float, float,
     for label, dataset in report["arms"]:
         runs = [r for r in report["runs"] if (r["arm"], r["dataset"]) == (label, dataset)]
         out[(label, dataset)] = {}
-        for column, key in COLUMNS.items():
+        for column, key in {**COLUMNS, **VAL_COLUMNS}.items():
             values = [r["scores"][key] for r in runs if key in r["scores"]]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -278,13 +310,16 @@ def summary(report: dict) -> dict[tuple[str, str], dict[str, tuple[float, float,
 
 def markdown(report: dict) -> str:
     table = summary(report)
-    columns = [c for c in COLUMNS if any(c in row for row in table.values())]
+    columns = [c for c in {**COLUMNS, **VAL_COLUMNS} if any(c in row for row in table.values())]
     minutes = {}
     for r in report["runs"]:
         minutes[r["seed"]] = minutes.get(r["seed"], 0) + r["seconds"] / 60
     commits = Counter(r.get("commit", "not recorded") for r in report["runs"])
-    lines = [f"`mmclip bench quality --study {report['study']}`, seeds {report['seeds']}, scored by CLIP_benchmark "
-             f"(probe: `mmclip eval --task compositional_probe`); mean ± std over seeds. {report['machine']}; "
+    judge = ("scored on the val split at the end of training (no test set is scored when tuning)"
+             if report["study"].startswith("tune_") else
+             "scored by CLIP_benchmark (probe: `mmclip eval --task compositional_probe`)")
+    lines = [f"`mmclip bench quality --study {report['study']}`, seeds {report['seeds']}, {judge}; "
+             f"mean ± std over seeds. {report['machine']}; "
              f"minutes per seed (all arms): {', '.join(f'{m:.0f}' for m in minutes.values())}; runs per commit: "
              f"{', '.join(f'{c} {n}' for c, n in commits.items())}.", "",
              "| data | arm | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
@@ -316,11 +351,29 @@ def verdict(study: str, table: dict) -> list[str]:
                              f"and {high} ({gap:+.3f})" if gap > 0 else
                              f"- {column}: {high} is not above {low} ({gap:+.3f}): no gap to recover")
         return lines
+    if study.startswith("tune_"):
+        return tuning_verdict(table)
     if study != "hard_negatives":
         return []
     return [f"- {arm} (vs InfoNCE, points): "
-            + ", ".join(f"{column} {100 * diff(arm, 'InfoNCE', column):+.1f}" for column in COLUMNS)
+            + ", ".join(f"{column} {100 * diff(arm, 'InfoNCE', column):+.1f}" for column in COLUMNS
+                        if column in table[(arm, STUDY.name)])
             for arm, _ in table if arm != "InfoNCE"]
+
+
+def tuning_verdict(table: dict) -> list[str]:
+    """Each setting against the study's first arm (the baseline) in val points, and the best by each column."""
+    if not table:
+        return []
+    base = next(iter(table))
+    columns = [c for c in VAL_COLUMNS if c in table[base]]
+
+    def points(key: tuple[str, str], column: str) -> float:
+        return 100 * (table[key][column][0] - table[base][column][0])
+
+    lines = [f"- {key[0]} (vs {base[0]}, val points): " + ", ".join(f"{c} {points(key, c):+.1f}" for c in columns)
+             for key in table if key != base]
+    return lines + [f"- best {c}: {max(table, key=lambda key: table[key][c][0])[0]}" for c in columns]
 
 
 def plot_curves(report: dict, path: Path) -> None:

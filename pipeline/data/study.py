@@ -20,6 +20,7 @@ true hard negative.
                          scored by pipeline.eval.probe.probe_accuracy (`mmclip eval --task
                          compositional_probe --dataset DIR/probe`)
   probe/images/          the test images
+  val_probe/             the same probe on the val scenes, for choosing settings without the test split
   study.json             recipe and counts; a rerun with the same recipe returns at once
 Splits are disjoint by concept (so by source picture): 85% train, 5% val, 10% test.
 
@@ -49,7 +50,7 @@ from pipeline.data.study_sources import Concept, list_concepts
 from pipeline.data.writer import write_shards
 from pipeline.errors import UserError
 
-RECIPE_VERSION = 2  # bump when a change alters any output byte: cached sets are rebuilt
+RECIPE_VERSION = 3  # bump when a change alters any output byte: cached sets are rebuilt
 PX = 64
 SPLITS = ("train", "val", "test")
 HELD_OUT = {"val": 0.05, "test": 0.10}  # fractions of concepts; at least MIN_HELD_OUT each
@@ -58,7 +59,7 @@ TRANSLATION_CHANCE = 0.3  # training/val scenes that get a second caption in ano
 RETRIEVAL_CAPTIONS = 2
 SHARD_SIZE = 2000
 ZEROSHOT_TEMPLATES = ["{c}", "a picture of the {c}.", "clip art of the {c}."]
-OUTPUTS = ("train", "val", "wds", "probe")  # and study.json, written last
+OUTPUTS = ("train", "val", "wds", "probe", "val_probe")  # and study.json, written last
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,8 @@ def build_study_set(out: str | Path, size: str = "full", seed: int = 0, progress
         manifest = _write_manifest(staging / split / "manifest.jsonl", rows)
         counts[split] = write_shards(manifest, out / split, prefix=split, maxcount=SHARD_SIZE,
                                      progress=progress).samples
+        if split == "val":
+            counts["val_probe"] = _write_probe(out / "val_probe", rows, splits[split], staging / split)
     counts.update(_write_test_sets(out, staging, splits["test"], SIZES[size].scenes["test"], seed, progress))
     shutil.rmtree(staging)
     summary = {"recipe": recipe, "concepts": {s: len(c) for s, c in splits.items()}, "samples": counts,
@@ -166,10 +169,17 @@ def _write_test_sets(out: Path, staging: Path, concepts: list[Concept], per_conc
         manifest = _write_manifest(staging / "test" / name / "manifest.jsonl", manifest_rows)
         counts[name] = write_shards(manifest, out / "wds" / name, layout="clip_benchmark", task=task, fields=fields,
                                     classnames=names, templates=ZEROSHOT_TEMPLATES, progress=progress).samples
+    counts["probe"] = _write_probe(probe, rows, concepts)
+    return counts
+
+
+def _write_probe(probe: Path, rows: list[dict], concepts: list[Concept], images: Path | None = None) -> int:
+    """probe.jsonl for a split's scenes (their images copied from `images` unless already in `probe`)."""
+    if images is not None:
+        shutil.copytree(images / "images", probe / "images")
     items = [item for r in rows for item in _probe_items(r, {c.name: c.tintable for c in concepts})]
     _write_manifest(probe / "probe.jsonl", items)
-    counts["probe"] = len(items)
-    return counts
+    return len(items)
 
 
 def _retrieval_captions(row: dict) -> list[str]:
