@@ -5,6 +5,7 @@ import math
 import statistics
 
 import pytest
+import yaml
 
 from helpers.paths import ROOT
 from pipeline.bench import quality
@@ -13,7 +14,7 @@ from pipeline.config import load_config
 
 def test_study_set_arms_see_the_same_samples_at_a_batch_scaled_learning_rate():
     cfg = load_config(ROOT / "configs/study.yaml")
-    for study in ("small_batch", "hard_negatives"):
+    for study in ("small_batch", "hard_negatives", "tune_global_clip", "tune_hard_negatives"):
         for arm in quality.STUDIES[study]:
             o = arm.overrides
             assert o["data.batch_size"] == arm.batch and o["optim.total_steps"] * arm.batch == quality.SAMPLES
@@ -22,6 +23,22 @@ def test_study_set_arms_see_the_same_samples_at_a_batch_scaled_learning_rate():
     gradcache = [a for a in quality.STUDIES["small_batch"] if "GradCache" in a.label]
     assert [a.overrides["train.micro_batch"] for a in gradcache] == [32]
     assert {a.trainer for a in quality.STUDIES["parity"]} == {"mmclip", "open_clip_train"}
+
+
+def test_tuning_studies_look_at_the_val_split_only_and_include_the_setting_they_tune():
+    """A tuning arm's in-training eval reads val/ and val_probe/ only (the studies score nothing else), and the
+    arm each tunes is one of its settings, with the same overrides."""
+    default_tasks = [t.dataset for t in load_config(ROOT / "configs/study.yaml").eval.tasks]
+    for study, served, label in (("tune_global_clip", "small_batch", "global_clip, batch 32"),
+                                 ("tune_hard_negatives", "hard_negatives", "+ 2 edited-caption negatives, HN-NCE β 0.5")):
+        for arm in quality.STUDIES[study]:
+            tasks = arm.overrides.get("eval.tasks")
+            datasets = default_tasks if tasks is None else [t["dataset"] for t in yaml.safe_load(tasks)]
+            assert datasets and all(d.startswith(("data/shards/study/val/", "data/shards/study/val_probe"))
+                                    for d in datasets), (study, arm.label)
+        tuned = next(a for a in quality.STUDIES[served] if a.label == label)
+        same = [a for a in quality.STUDIES[study] if all(a.overrides.get(k) == v for k, v in tuned.overrides.items())]
+        assert len(same) == 1, study
 
 
 def test_summary_and_table_are_mean_and_std_over_seeds():
@@ -54,6 +71,12 @@ def test_verdicts_answer_each_study_s_question_in_numbers():
     hard = table({"InfoNCE": cols, "+ negatives": {**cols, "probe": 0.82, "zero-shot acc1": 0.015}})
     assert quality.verdict("hard_negatives", hard) == [
         "- + negatives (vs InfoNCE, points): zero-shot acc1 -0.5, image R@1 +0.0, text R@1 +0.0, probe +6.0"]
+    tune = table({"InfoNCE": {"val image R@1": 0.30, "val probe": 0.70},
+                  "β 0.5": {"val image R@1": 0.32, "val probe": 0.75}, "β 1": {"val image R@1": 0.29, "val probe": 0.78}})
+    assert quality.verdict("tune_hard_negatives", tune) == [
+        "- β 0.5 (vs InfoNCE, val points): val image R@1 +2.0, val probe +5.0",
+        "- β 1 (vs InfoNCE, val points): val image R@1 -1.0, val probe +8.0",
+        "- best val image R@1: β 0.5", "- best val probe: β 1"]
 
 
 def test_a_study_goes_on_where_its_report_stopped(tmp_path, capsys):

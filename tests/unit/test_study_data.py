@@ -1,5 +1,5 @@
 """The study set (pipeline/data/study.py) at --size tiny: determinism, caching, distinct captions, disjoint
-splits, eval sets both readers load, and probe negatives that are exactly one true edit away."""
+splits, eval sets both readers load, and probe negatives (test and val) that are exactly one true edit away."""
 import difflib
 import hashlib
 import json
@@ -148,20 +148,39 @@ def test_probe_negatives_are_one_edit_that_does_not_describe_the_image(tiny):
                  for s in wds.WebDataset(str(tiny / "wds/study_retrieval/test/0.tar"), shardshuffle=False)}
     assert len(items) >= 50 and set(Counter(it["edit"] for it in items)) == set(EDITED)
     for it in items:
-        true, neg = it["attributes"], it["neg_attributes"]
         assert it["pos"] == retrieval[(tiny / "probe" / it["image"]).read_bytes()][0]  # the image's own caption
-        assert it["pos"] == caption(Scene(**true), it["template"]) and it["neg"] == caption(Scene(**neg), it["template"])
-        changed = {k for k in true if true[k] != neg[k]}
-        assert changed == set(EDITED[it["edit"]]), it
-        if it["edit"] == "swap_attribute":
-            assert (neg["colour"], neg["background"]) == (true["background"], true["colour"])
-        old, new = _changed_words(it["pos"], it["neg"])  # the words that differ, articles aside
-        assert old and new and old <= _value_words(true, changed) and new <= _value_words(neg, changed), it
+        _assert_one_true_edit(it)
     for image in {it["image"] for it in items}:  # the stored attributes are in the picture
         attrs = next(it["attributes"] for it in items if it["image"] == image)
         pixels = np.asarray(Image.open(tiny / "probe" / image).convert("RGB")).reshape(-1, 3)
         cover = {c: sum((np.abs(pixels - shade).sum(1) <= 3).mean() for shade in background_shades(c)) for c in PALETTE}
         assert max(cover, key=cover.get) == attrs["background"] and cover[attrs["background"]] > 0.2, image
+
+
+def _assert_one_true_edit(it: dict) -> None:
+    true, neg = it["attributes"], it["neg_attributes"]
+    assert it["pos"] == caption(Scene(**true), it["template"]) and it["neg"] == caption(Scene(**neg), it["template"])
+    changed = {k for k in true if true[k] != neg[k]}
+    assert changed == set(EDITED[it["edit"]]), it
+    if it["edit"] == "swap_attribute":
+        assert (neg["colour"], neg["background"]) == (true["background"], true["colour"])
+    old, new = _changed_words(it["pos"], it["neg"])  # the words that differ, articles aside
+    assert old and new and old <= _value_words(true, changed) and new <= _value_words(neg, changed), it
+
+
+def test_the_val_probe_asks_the_same_of_every_val_scene(tiny):
+    """val_probe/ is the probe built from the val split (for tuning without the test split): its images are the
+    val shards' images, each item's positive is that image's caption, its negative one true edit away."""
+    items, val = read_probe(tiny / "val_probe"), _samples(tiny, "val")
+    captions = {s["png"]: s["txt"].decode().splitlines()[0] for s in val}
+    assert {(tiny / "val_probe" / it["image"]).read_bytes() for it in items} == set(captions)  # every val image
+    assert {it["attributes"]["object"] for it in items} == {json.loads(s["json"])["concept"] for s in val}
+    for it in items:
+        assert it["pos"] == captions[(tiny / "val_probe" / it["image"]).read_bytes()]
+        _assert_one_true_edit(it)
+    summary = json.loads((tiny / "study.json").read_text())
+    assert summary["samples"]["val_probe"] == len(items) >= 2 * len(val)
+    assert evaluate(_tiny_model(), "compositional_probe", str(tiny / "val_probe"))["probe_items"] == len(items)
 
 
 def test_training_scenes_carry_their_edited_captions_as_hard_negatives(tiny):
