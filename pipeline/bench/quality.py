@@ -118,7 +118,7 @@ STUDIES: dict[str, list[Arm]] = {
     "tune_hard_negatives": [
         Arm("InfoNCE", STUDY, {**_at_batch(128), "eval.tasks": VAL_PROBE}, batch=128),
         *(_edited_arm(f"+ 2 edited-caption negatives, HN-NCE β {beta}", 2, beta, {"eval.tasks": VAL_PROBE})
-          for beta in (0.0, 0.5, 1.0, 2.0))],
+          for beta in (0.0, 0.5, 1.0, 2.0, 4.0))],
 }
 
 
