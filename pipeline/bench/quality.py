@@ -106,6 +106,7 @@ STUDIES: dict[str, list[Arm]] = {
         Arm("InfoNCE", STUDY, _at_batch(128), batch=128),
         Arm("+ mined and mixed negatives", STUDY, {**_at_batch(128), "loss": MINED}, batch=128),
         _edited_arm("+ 2 edited-caption negatives, HN-NCE β 0.5", 2, 0.5),
+        _edited_arm("+ 2 edited-caption negatives, HN-NCE β 2", 2, 2.0),  # the best val probe of tune_hard_negatives
         _edited_arm("+ 4 edited-caption negatives, HN-NCE β 0.5", 4, 0.5)],  # 3-4 edits apply per scene: all
     # Tuning: the settings above, chosen on the val split only (VAL_COLUMNS); no test set is scored.
     "tune_global_clip": [

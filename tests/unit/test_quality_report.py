@@ -30,7 +30,8 @@ def test_tuning_studies_look_at_the_val_split_only_and_include_the_setting_they_
     arm each tunes is one of its settings, with the same overrides."""
     default_tasks = [t.dataset for t in load_config(ROOT / "configs/study.yaml").eval.tasks]
     for study, served, label in (("tune_global_clip", "small_batch", "global_clip, batch 32"),
-                                 ("tune_hard_negatives", "hard_negatives", "+ 2 edited-caption negatives, HN-NCE β 0.5")):
+                                 ("tune_hard_negatives", "hard_negatives", "+ 2 edited-caption negatives, HN-NCE β 0.5"),
+                                 ("tune_hard_negatives", "hard_negatives", "+ 2 edited-caption negatives, HN-NCE β 2")):
         for arm in quality.STUDIES[study]:
             tasks = arm.overrides.get("eval.tasks")
             datasets = default_tasks if tasks is None else [t["dataset"] for t in yaml.safe_load(tasks)]
