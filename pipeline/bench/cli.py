@@ -62,8 +62,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                        help="realistic: fp32,bf16 or one of them")
     quality = sub.add_parser("quality", help="mmclip vs open_clip_train, and what the loss options buy, scored by "
                              "CLIP_benchmark over seeds (pipeline.bench.quality)")
-    quality.add_argument("--study", default="parity", choices=["parity", "small_batch", "hard_negatives",
-                         "tune_global_clip", "tune_hard_negatives"], help="tune_*: choose the settings of "
+    quality.add_argument("--study", default="parity", choices=["parity", "small_batch", "small_batch_epochs",
+                         "hard_negatives", "tune_global_clip", "tune_hard_negatives"], help="tune_*: choose the settings of "
                          "small_batch / hard_negatives on the val split only")
     quality.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     quality.add_argument("--fresh", action="store_true", help="train every run again instead of keeping the "

@@ -1,4 +1,4 @@
-"""`mmclip bench quality --study parity|small_batch|hard_negatives`: is a model trained here good, and what
+"""`mmclip bench quality --study parity|small_batch|hard_negatives|...`: is a model trained here good, and what
 do the loss options beyond InfoNCE buy? Every arm is trained in a fresh subprocess for each seed (arms
 interleaved within a seed) and scored by CLIP_benchmark (pipeline/bench/judge.py); tables give mean ± std.
 
@@ -9,8 +9,12 @@ interleaved within a seed) and scored by CLIP_benchmark (pipeline/bench/judge.py
 - small_batch (study set): InfoNCE at global batch 32, the global contrastive loss at 32, and InfoNCE at 512
   computed in GradCache chunks of 32, i.e. in the memory of batch 32 (GradCache's gradient is the whole
   batch's, tests/unit/test_gradcache.py, so this arm is also plain InfoNCE at 512).
+- small_batch_epochs: InfoNCE at 32 and 128 and the global loss at 32 on 4,000 of the training scenes, so
+  the same samples are 16 epochs (the global loss keeps per-sample state that is meant to learn over epochs).
 - hard_negatives (study set): InfoNCE, + mined and mixed negatives, + the edited-caption negatives the
   study set ships (.neg.txt) weighted by DiHT's HN-NCE β.
+- tune_global_clip, tune_hard_negatives: the settings of those arms, chosen on the val split only (the runs'
+  last validation metrics and the val probe; no test set is scored).
 On the study set every arm sees the same number of samples (SAMPLES); the learning rate follows the
 square root of the batch (the config's lr is for its batch of 128). Validation retrieval over steps (the
 val split, never the test sets) is plotted per arm.
@@ -26,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.bench.judge import EvalSet, clip_benchmark_scores, open_clip_train_dir, probe_scores
@@ -77,6 +81,7 @@ def _at_batch(batch: int, micro_batch: int | None = None) -> dict:
 
 PARITY = {"eval.tasks": "[]"}  # the judge scores the test sets; parity needs no curve
 MINED = "{kind: clip, mined_negatives: {top_k: 16, mixed: 8, mix_with_anchor: 4, start_step: 100}}"
+EPOCHS_TRAIN = str(STUDY_ROOT / "train/train-{000000..000001}.tar")  # 4,000 of the 22,812 training scenes
 GLOBAL_CLIP = {"gamma": 0.2, "gamma_schedule": "cosine", "gamma_decay_steps": SAMPLES // 32}
 VAL_PROBE = ("[{task: zeroshot_retrieval, dataset: data/shards/study/val/val-000000.tar, name: val}, "
              f"{{task: compositional_probe, dataset: {STUDY.val_probe}, name: val_probe}}]")
@@ -102,6 +107,11 @@ STUDIES: dict[str, list[Arm]] = {
         Arm("InfoNCE, batch 128", STUDY, _at_batch(128), batch=128),
         _global_clip_arm("global_clip, batch 32"),
         Arm("InfoNCE, batch 512 in GradCache chunks of 32", STUDY, _at_batch(512, 32), batch=512)],
+    # The same samples drawn from 4,000 scenes: 16 epochs, so each sample's u is updated ~16 times.
+    "small_batch_epochs": [replace(arm, overrides={**arm.overrides, "data.train": EPOCHS_TRAIN}) for arm in (
+        Arm("InfoNCE, batch 32", STUDY, _at_batch(32), batch=32),
+        Arm("InfoNCE, batch 128", STUDY, _at_batch(128), batch=128),
+        _global_clip_arm("global_clip, batch 32"))],
     "hard_negatives": [
         Arm("InfoNCE", STUDY, _at_batch(128), batch=128),
         Arm("+ mined and mixed negatives", STUDY, {**_at_batch(128), "loss": MINED}, batch=128),
@@ -342,7 +352,7 @@ def verdict(study: str, table: dict) -> list[str]:
         return [f"- {dataset}, {column}: mmclip − open_clip_train = {diff('mmclip', 'open_clip_train', column, dataset):+.3f}"
                 f" (open_clip_train's std {table[('open_clip_train', dataset)][column][1]:.3f})"
                 for dataset in dict.fromkeys(d for _, d in table) for column in ("zero-shot acc1", "image R@1", "text R@1")]
-    if study == "small_batch":
+    if study.startswith("small_batch"):
         low, ours = "InfoNCE, batch 32", "global_clip, batch 32"
         lines = []
         for high in (a for a, _ in table if a.startswith("InfoNCE") and a != low):

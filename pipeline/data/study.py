@@ -25,8 +25,8 @@ true hard negative.
 Splits are disjoint by concept (so by source picture): 85% train, 5% val, 10% test.
 
 Sizes: full uses all 2,237 concepts (461 Tux Paint stamps, 1,776 emoji), 12 training scenes each
-(22,812 train images, 448 val, 672 test, 2,168 probe items), 64 px PNGs, 120 MB; it builds in ~1
-CPU-minute (2-3.5 min wall on a busy 2-core machine), tiny (80 concepts, for tests) in seconds. Why
+(22,812 train images, 448 val, 672 test; 2,168 probe and 1,410 val probe items), 64 px PNGs, 120 MB; it
+builds in ~1 CPU-minute (2-3.5 min wall on a busy 2-core machine), tiny (80 concepts, for tests) in seconds. Why
 64 px and ~23k: big enough for 4 copies of a recognisable picture and for a batch of 512 to hold ~450
 different concepts, small enough for a patch-8 ViT (64 tokens; width 96-128, 2-4 layers), whose step
 costs 0.5-0.65x the demo model's (measured side by side, batch 128, 2 threads), i.e. roughly 20-30

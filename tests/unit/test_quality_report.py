@@ -14,7 +14,7 @@ from pipeline.config import load_config
 
 def test_study_set_arms_see_the_same_samples_at_a_batch_scaled_learning_rate():
     cfg = load_config(ROOT / "configs/study.yaml")
-    for study in ("small_batch", "hard_negatives", "tune_global_clip", "tune_hard_negatives"):
+    for study in ("small_batch", "small_batch_epochs", "hard_negatives", "tune_global_clip", "tune_hard_negatives"):
         for arm in quality.STUDIES[study]:
             o = arm.overrides
             assert o["data.batch_size"] == arm.batch and o["optim.total_steps"] * arm.batch == quality.SAMPLES
