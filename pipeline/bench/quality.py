@@ -354,6 +354,8 @@ def verdict(study: str, table: dict) -> list[str]:
                 for dataset in dict.fromkeys(d for _, d in table) for column in ("zero-shot acc1", "image R@1", "text R@1")]
     if study.startswith("small_batch"):
         low, ours = "InfoNCE, batch 32", "global_clip, batch 32"
+        if not {(low, STUDY.name), (ours, STUDY.name)} <= set(table):
+            return []
         lines = []
         for high in (a for a, _ in table if a.startswith("InfoNCE") and a != low):
             for column in ("image R@1", "text R@1"):
