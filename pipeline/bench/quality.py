@@ -228,9 +228,10 @@ def train_and_judge(arm: Arm, seed: int, work: Path, parity: bool, judge: bool =
             shutil.rmtree(work / "run")
             _run(train, "mmclip train")
         rows = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-        curve = [(r["step"] * cfg.data.batch_size, r[VAL_METRIC]) for r in rows if VAL_METRIC in r]
+        evals = [r for r in rows if VAL_METRIC in r]
+        curve = [(r["step"] * cfg.data.batch_size, r[VAL_METRIC]) for r in evals]
         if not judge:
-            return [r for r in rows if VAL_METRIC in r][-1], curve
+            return evals[-1], curve
         _run([sys.executable, "-m", "pipeline", "export", str(work / "run"), "--out", str(work / "export")],
              "mmclip export")
         model_dir = work / "export"
@@ -303,6 +304,7 @@ COLUMNS = {"zero-shot acc1": "concepts/acc1", "image R@1": "retrieval/image_retr
            "text R@1": "retrieval/text_retrieval_recall@1", "probe": "probe/probe_acc"}
 VAL_COLUMNS = {"val image R@1": VAL_METRIC, "val text R@1": "val/text_retrieval_recall@1",
                "val probe": "val_probe/probe_acc"}  # the tuning studies' scores, at the end of training
+ALL_COLUMNS = {**COLUMNS, **VAL_COLUMNS}
 
 
 def summary(report: dict) -> dict[tuple[str, str], dict[str, tuple[float, float, list[float]]]]:
@@ -311,7 +313,7 @@ def summary(report: dict) -> dict[tuple[str, str], dict[str, tuple[float, float,
     for label, dataset in report["arms"]:
         runs = [r for r in report["runs"] if (r["arm"], r["dataset"]) == (label, dataset)]
         out[(label, dataset)] = {}
-        for column, key in {**COLUMNS, **VAL_COLUMNS}.items():
+        for column, key in ALL_COLUMNS.items():
             values = [r["scores"][key] for r in runs if key in r["scores"]]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -321,7 +323,7 @@ def summary(report: dict) -> dict[tuple[str, str], dict[str, tuple[float, float,
 
 def markdown(report: dict) -> str:
     table = summary(report)
-    columns = [c for c in {**COLUMNS, **VAL_COLUMNS} if any(c in row for row in table.values())]
+    columns = [c for c in ALL_COLUMNS if any(c in row for row in table.values())]
     minutes = {}
     for r in report["runs"]:
         minutes[r["seed"]] = minutes.get(r["seed"], 0) + r["seconds"] / 60
