@@ -219,7 +219,6 @@ def test_a_second_run_in_the_same_directory_refuses_and_sigint_stops_the_first_w
     assert saved and int(saved[-1][5:]) >= step
 
 
-@pytest.mark.slow
 def session_survivors(session: int) -> list[str]:
     """Pids still in a finished run's session; killed descendants are gone a moment after the run's own exit."""
     for _ in range(20):
@@ -230,6 +229,7 @@ def session_survivors(session: int) -> list[str]:
     return leftover
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_run_waiting_for_its_first_batch(demo_shards, tmp_path):
     out, err = tmp_path / "waiting", tmp_path / "stderr.txt"
     sets = {"data.train": "pipe:sleep 600", "data.workers": 0}  # a shard that never arrives
